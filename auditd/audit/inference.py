@@ -1,0 +1,175 @@
+"""What the kernel's numbers mean for one socket: pure functions over plain data.
+
+Sources: net/ipv4/inet_diag.c (which timer is reported), net/ipv4/tcp_timer.c
+(tcp_keepalive_timer, tcp_model_timeout, retransmits_timed_out, tcp_probe_timer). The kernel
+facts are collected in shared/KERNEL.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from auditd.model import Keepalive, Sock, Sysctls, TcpState, TimerKind
+
+TCP_RTO_MIN_MS = 200  # include/net/tcp.h; the base of the retries2 model
+
+# States in which sk_timer is the keepalive timer. In FIN_WAIT2 (orphaned) the same timer
+# runs the tcp_fin_timeout countdown, so a timer 2 there says nothing about keepalive.
+KEEPALIVE_STATES = frozenset({TcpState.ESTABLISHED, TcpState.CLOSE_WAIT})
+
+
+def ilog2(value: int) -> int:
+    return value.bit_length() - 1 if value > 0 else 0
+
+
+def retries2_timeout(
+    retries2: int, rto_max_ms: int = 120000, rto_base_ms: int = TCP_RTO_MIN_MS
+) -> float:
+    """Seconds until the kernel gives up on unacknowledged data (tcp_model_timeout).
+
+    Exponential backoff from the base RTO up to ``rto_max``, then linear. A lower bound: the
+    check only runs when an RTO fires. 15 -> 924.6 s, 8 -> 102.2 s, 5 -> 12.6 s, 3 -> 3.0 s.
+    """
+    thresh = ilog2(rto_max_ms // rto_base_ms)
+    if retries2 <= thresh:
+        return ((2 << retries2) - 1) * rto_base_ms / 1000
+    return (((2 << thresh) - 1) * rto_base_ms + (retries2 - thresh) * rto_max_ms) / 1000
+
+
+def idle_detection_seconds(keepidle: float, keepintvl: float, keepcnt: int) -> float:
+    """Seconds from the last segment received to ETIMEDOUT on an idle connection with keepalive."""
+    return keepidle + keepcnt * keepintvl
+
+
+def keepalive_status(sock: Sock) -> str:
+    """``on``/``off``/``unknown`` from the reported timer.
+
+    inet_diag reports the retransmit timer first, then the zero-window probe, then sk_timer:
+    while data is unacknowledged the keepalive timer is hidden, so that is *unknown*.
+    """
+    if sock.state not in KEEPALIVE_STATES:
+        return Keepalive.UNKNOWN
+    timer = sock.timer
+    if timer == TimerKind.KEEPALIVE:
+        return Keepalive.ON
+    if timer == TimerKind.NONE:
+        return Keepalive.OFF
+    return Keepalive.UNKNOWN
+
+
+def recv_idle_ms(sock: Sock) -> int:
+    """Milliseconds since the last segment received: what tcp_keepalive_timer measures."""
+    return min(sock.last_data_recv_ms, sock.last_ack_recv_ms)
+
+
+def path_idle_ms(sock: Sock) -> int:
+    """Milliseconds since any segment in either direction, as far as tcp_info tells.
+
+    tcpi_last_ack_sent is always 0, so a pure ACK we sent is invisible; data sent is not.
+    """
+    return min(sock.last_data_recv_ms, sock.last_ack_recv_ms, sock.last_data_sent_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class KeepaliveParams:
+    """Effective keepalive of one socket as far as can be seen from outside it."""
+
+    idle: float  # seconds to the first probe
+    intvl: float
+    cnt: int
+    source: str  # "sysctl" (presumed namespace default), "timer" (lower bound), "socket"
+    idle_lower_bound: float | None = None  # from the visible timer, when there is one
+
+    @property
+    def detection(self) -> float:
+        return idle_detection_seconds(self.idle, self.intvl, self.cnt)
+
+
+def keepalive_params(sock: Sock, sysctls: Sysctls) -> KeepaliveParams:
+    """Namespace sysctls, unless the visible timer proves the socket waits longer.
+
+    With no probe out, the timer was armed for ``keepidle`` after a segment received at or
+    before the last one, so ``keepidle >= idle since last receive + expiry``. sock_diag does
+    not show TCP_KEEPIDLE itself; a bound above the sysctl proves an override.
+    """
+    idle = float(sysctls.keepalive_time)
+    intvl = float(sysctls.keepalive_intvl)
+    cnt = sysctls.keepalive_probes
+    if sock.timer != TimerKind.KEEPALIVE or sock.state not in KEEPALIVE_STATES:
+        return KeepaliveParams(idle, intvl, cnt, "sysctl")
+    if sock.retrans == 0:
+        bound = (recv_idle_ms(sock) + sock.expires_ms) / 1000
+        if bound > idle:
+            return KeepaliveParams(bound, intvl, cnt, "timer", bound)
+        return KeepaliveParams(idle, intvl, cnt, "sysctl", bound)
+    # Probing: the timer re-arms every keepintvl, so the expiry bounds the interval.
+    bound_intvl = sock.expires_ms / 1000
+    if bound_intvl > intvl:
+        return KeepaliveParams(idle, bound_intvl, cnt, "timer")
+    return KeepaliveParams(idle, intvl, cnt, "sysctl")
+
+
+def probing_abort_in(sock: Sock, params: KeepaliveParams) -> float:
+    """Seconds until keepalive gives up on a socket with probes out.
+
+    tcp_keepalive_timer aborts when it fires with ``probes_out >= keepcnt``; otherwise it
+    sends one more probe and re-arms for keepintvl.
+    """
+    remaining = max(params.cnt - sock.retrans, 0)
+    return sock.expires_ms / 1000 + remaining * params.intvl
+
+
+def backoff_schedule_abort_in(
+    retransmits: int, rto_us: int, backoff: int, expires_ms: int, timeout: float, rto_max_ms: int
+) -> float:
+    """Seconds until the retransmit timer fires at or past ``timeout`` since the first loss.
+
+    The RTO doubles at each expiry up to ``rto_max``; the kernel checks the timeout
+    (retransmits_timed_out) each time the timer fires. Elapsed time since the first
+    transmission is rebuilt from the current RTO and backoff: a lower bound, like the model.
+    """
+    rto_max = rto_max_ms / 1000
+    base = max(rto_us / 1_000_000 / (1 << min(backoff, 30)), TCP_RTO_MIN_MS / 1000)
+
+    def rto(i: int) -> float:
+        return min(base * (1 << min(i, 30)), rto_max)
+
+    sent = sum(rto(i) for i in range(min(retransmits, 10_000)))  # when the last retransmit left
+    fire = sent + rto(retransmits)  # the pending expiry
+    now = fire - expires_ms / 1000
+    step = retransmits + 1
+    while fire < timeout and step < 10_000:
+        fire += rto(step)
+        step += 1
+    return max(fire - now, 0.0)
+
+
+def retransmit_abort_in(sock: Sock, sysctls: Sysctls) -> float:
+    """Seconds until the kernel aborts a socket with data in flight (retries2 model)."""
+    timeout = retries2_timeout(sysctls.retries2, sysctls.rto_max_ms)
+    return backoff_schedule_abort_in(
+        sock.retrans, sock.rto_us, sock.backoff, sock.expires_ms, timeout, sysctls.rto_max_ms
+    )
+
+
+def zero_window_abort_in(sock: Sock, sysctls: Sysctls) -> float:
+    """Zero-window probing (timer 4) is bounded by a probe *count*: tcp_retries2."""
+    remaining = max(sysctls.retries2 - sock.retrans, 0)
+    rto_max = sysctls.rto_max_ms / 1000
+    interval = max(sock.rto_us / 1_000_000, TCP_RTO_MIN_MS / 1000)
+    total = sock.expires_ms / 1000
+    for _ in range(remaining):
+        interval = min(interval * 2, rto_max)
+        total += interval
+    return total
+
+
+def abort_in(sock: Sock, sysctls: Sysctls) -> float | None:
+    """When the kernel will give up on this socket, if it is already trying; else None."""
+    if sock.timer == TimerKind.KEEPALIVE and sock.retrans > 0 and sock.state in KEEPALIVE_STATES:
+        return probing_abort_in(sock, keepalive_params(sock, sysctls))
+    if sock.timer == TimerKind.RETRANSMIT and sock.retrans > 0:
+        return retransmit_abort_in(sock, sysctls)
+    if sock.timer == TimerKind.ZERO_WINDOW_PROBE and sock.retrans > 0:
+        return zero_window_abort_in(sock, sysctls)
+    return None

@@ -1,0 +1,192 @@
+"""Command line: the only place that turns errors into exit codes.
+
+Exit codes: 0 nothing at or above --fail-on, 1 findings at or above it, 2 bad usage or
+config, 3 the kernel could not be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from auditd import __version__
+from auditd.audit.run import HOST_NETNS, AuditResult, audit
+from auditd.config import (
+    DEFAULT_CONFIG_PATH,
+    ConfigError,
+    RuleSet,
+    load_rules,
+    load_rules_or_default,
+    parse_duration,
+)
+from auditd.errors import AuditdError
+from auditd.kernel import LocalKernel
+from auditd.model import Severity
+
+EXIT_OK = 0
+EXIT_FINDINGS = 1
+EXIT_USAGE = 2
+EXIT_KERNEL = 3
+
+PROG = "keepalive-auditd"
+
+
+class UsageError(Exception):
+    """A flag value argparse cannot check by itself; exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # One line instead of argparse's usage dump; exit 2 like argparse.
+        sys.stderr.write(f"{self.prog}: {message} (see --help)\n")
+        sys.exit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Find TCP connections at risk of going half-open.")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    a = sub.add_parser("audit", help="audit the current network namespace once")
+    default_help = f"rules file (default: {DEFAULT_CONFIG_PATH} if present, else built-in)"
+    a.add_argument("--config", metavar="FILE", help=default_help)
+    a.add_argument("--format", choices=("table", "json"), default="table")
+    a.add_argument(
+        "--fail-on",
+        choices=("info", "warning", "critical", "never"),
+        default="critical",
+        help="exit 1 when a finding is at least this severe (default: critical)",
+    )
+
+    e = sub.add_parser("explain", help="show the arithmetic behind the detection times")
+    e.add_argument("--config", metavar="FILE")
+
+    c = sub.add_parser("check-config", help="validate a rules file")
+    c.add_argument("file", metavar="FILE")
+
+    r = sub.add_parser("run", help="run the agent: audit periodically, serve /metrics")
+    r.add_argument(
+        "--config.file",
+        dest="config_file",
+        metavar="FILE",
+        help=f"rules file (default {DEFAULT_CONFIG_PATH}; built-in defaults if absent)",
+    )
+    r.add_argument(
+        "--web.listen-address",
+        dest="listen",
+        default=":9977",
+        metavar="ADDR",
+        help="address to serve metrics on (default :9977)",
+    )
+    r.add_argument(
+        "--web.telemetry-path",
+        dest="telemetry_path",
+        default="/metrics",
+        metavar="PATH",
+        help="path of the metrics (default /metrics)",
+    )
+    r.add_argument(
+        "--audit.interval",
+        dest="interval",
+        default="30s",
+        metavar="DURATION",
+        help="time between audits, e.g. 30s, 1m (default 30s)",
+    )
+    r.add_argument(
+        "--log.level", dest="log_level", default="info", choices=("debug", "info", "warn", "error")
+    )
+    r.add_argument("--log.format", dest="log_format", default="logfmt", choices=("logfmt", "json"))
+    return p
+
+
+def _load(path: str | None) -> RuleSet:
+    return load_rules_or_default(path)
+
+
+def _exit_code(result: AuditResult, fail_on: str) -> int:
+    if fail_on == "never":
+        return EXIT_OK
+    threshold = Severity.parse(fail_on)
+    return EXIT_FINDINGS if any(f.severity >= threshold for f in result.findings) else EXIT_OK
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from auditd import report
+
+    rules = _load(args.config)
+    result = audit(rules, [(HOST_NETNS, LocalKernel())])
+    out = report.to_json(result) + "\n" if args.format == "json" else report.to_table(result)
+    sys.stdout.write(out)
+    return _exit_code(result, args.fail_on)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from auditd import report
+    from auditd.audit.run import audit_namespace
+
+    rules = _load(args.config)
+    ns, _ = audit_namespace(rules, LocalKernel(), HOST_NETNS)
+    sys.stdout.write(report.explain(rules, ns))
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    rules = load_rules(args.file)
+    sys.stdout.write(
+        f"{args.file}: ok ({len(rules.rules)} rules, {len(rules.sysctls)} sysctl bounds)\n"
+    )
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from auditd import logs
+    from auditd.daemon import Daemon, DaemonOptions
+
+    try:
+        interval = parse_duration(args.interval)
+    except ValueError as exc:
+        raise UsageError(f"--audit.interval: {exc}") from None
+    if interval < 1:
+        raise UsageError("--audit.interval: must be at least 1s")
+    if not args.telemetry_path.startswith("/") or args.telemetry_path == "/":
+        raise UsageError("--web.telemetry-path: must start with / and not be / itself")
+    log = logs.setup(args.log_level, args.log_format)
+    options = DaemonOptions(args.config_file, interval, args.listen, args.telemetry_path)
+    daemon = Daemon(options, lambda: [(HOST_NETNS, LocalKernel())], log)
+    daemon.load_initial_config()
+    daemon.install_signals()
+    daemon.serve()
+    return EXIT_OK
+
+
+COMMANDS = {
+    "audit": cmd_audit,
+    "explain": cmd_explain,
+    "check-config": cmd_check_config,
+    "run": cmd_run,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, UsageError) as exc:
+        sys.stderr.write(f"{PROG}: {exc}\n")
+        return EXIT_USAGE
+    except AuditdError as exc:
+        sys.stderr.write(f"{PROG}: {exc}\n")
+        return EXIT_KERNEL
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""``keepalive-auditd run``: audit in the background, serve the last result, reload on SIGHUP.
+
+Threads: the main thread handles signals, reloads and the systemd watchdog; one worker
+audits every interval; the HTTP server answers scrapes from the last rendered exposition,
+so a scrape never waits for a dump. Nothing but a signal stops the daemon: every audit
+error is logged (once while it repeats), counted by stage, and the next cycle tries again.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from types import FrameType
+
+from auditd import __version__
+from auditd.audit.run import AuditResult, audit
+from auditd.config import ConfigError, RuleSet, load_rules, load_rules_or_default
+from auditd.errors import AuditdError, KernelError
+from auditd.exporter import ExporterState
+from auditd.http import MetricsServer
+from auditd.kernel import KernelSource
+from auditd.model import Finding, Severity
+from auditd.notify import Notifier, watchdog_interval
+
+Sources = Callable[[], list[tuple[str, KernelSource]]]
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonOptions:
+    config_path: str | None  # None: the default path if present, else built-in rules
+    interval: float = 30.0
+    listen: str = ":9977"
+    telemetry_path: str = "/metrics"
+
+
+def summary(result: AuditResult) -> str:
+    sockets = sum(ns.sockets for ns in result.namespaces)
+    sev = {s: 0 for s in Severity}
+    for f in result.findings:
+        sev[f.severity] += 1
+    return (
+        f"audited {sockets} sockets in {len(result.namespaces)} netns in "
+        f"{result.duration_seconds:.2f}s: {sev[Severity.CRITICAL]} critical, "
+        f"{sev[Severity.WARNING]} warning, {sev[Severity.INFO]} info findings"
+    )
+
+
+def _finding_fields(f: Finding) -> dict[str, object]:
+    fields: dict[str, object] = {
+        "kind": f.kind, "severity": f.severity.label, "rule": f.rule, "netns": f.netns,
+    }  # fmt: skip
+    for name in ("state", "local", "remote", "pid", "process", "sysctl", "value"):
+        value = getattr(f, name)
+        if value is not None:
+            fields[name] = value
+    return fields
+
+
+class Daemon:
+    def __init__(
+        self,
+        options: DaemonOptions,
+        sources: Sources,
+        log: logging.Logger,
+        notifier: Notifier | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.options = options
+        self.sources = sources
+        self.log = log
+        self.notifier = notifier or Notifier()
+        self.clock = clock
+        self.stop_event = threading.Event()
+        self.wake = threading.Event()
+        self.reload_requested = threading.Event()
+        self._lock = threading.Lock()
+        self.state = ExporterState()
+        self.open: dict[tuple[str | None, ...], Finding] = {}
+        self.last_cycle = time.monotonic()
+        self.audits = 0
+        self._last_error: str | None = None
+        self._config_existed = False
+        self._ready_sent = False
+        self.server: MetricsServer | None = None
+
+    # -- state -------------------------------------------------------------------------
+    def get_state(self) -> ExporterState:
+        return self.state
+
+    def _update(self, **changes: object) -> None:
+        with self._lock:
+            self.state = replace(self.state, **changes)  # type: ignore[arg-type]
+
+    def _count_error(self, stage: str) -> None:
+        with self._lock:
+            errors = dict(self.state.errors)
+            errors[stage] = errors.get(stage, 0) + 1
+            self.state = replace(self.state, errors=errors)
+
+    # -- config ------------------------------------------------------------------------
+    def load_initial_config(self) -> RuleSet:
+        """Raises ConfigError: at start there is no previous good config to fall back to."""
+        rules = load_rules_or_default(self.options.config_path)
+        self._config_existed = rules.source != "<built-in>"
+        self._update(rules=rules, reload_ok=True, reload_success_time=self.clock())
+        self.log.info("rules loaded", extra={"source": rules.source, "rules": len(rules.rules)})
+        return rules
+
+    def reload(self) -> bool:
+        self.notifier.reloading()
+        try:
+            if self._config_existed:
+                path = self.options.config_path or self.state.rules.source
+                rules = load_rules(path)
+            else:
+                rules = load_rules_or_default(self.options.config_path)
+        except ConfigError as exc:
+            self._count_error("config")
+            self._update(reload_ok=False)
+            self.log.error("reload failed, keeping the previous rules", extra={"error": str(exc)})
+            self.notifier.ready(f"reload failed: {exc}")
+            return False
+        self._config_existed = rules.source != "<built-in>"
+        self._update(rules=rules, reload_ok=True, reload_success_time=self.clock())
+        self.log.info("rules reloaded", extra={"source": rules.source, "rules": len(rules.rules)})
+        self.wake.set()
+        self.notifier.ready("reloaded")
+        return True
+
+    # -- audits ------------------------------------------------------------------------
+    def audit_once(self) -> AuditResult | None:
+        rules = self.state.rules
+        started = self.clock()
+        try:
+            result = audit(rules, self.sources(), clock=self.clock)
+        except KernelError as exc:
+            self._fail("dump", str(exc))
+            return None
+        except AuditdError as exc:
+            self._fail("netns", str(exc))
+            return None
+        except Exception as exc:  # a bug must not kill the agent; count it and go on
+            self._fail("internal", f"{type(exc).__name__}: {exc}")
+            return None
+        if self._last_error is not None:
+            self.log.info("audit recovered", extra={"after": self._last_error})
+            self._last_error = None
+        self._log_changes(result)
+        self._update(result=result, last_success=started)
+        self.audits += 1
+        self.notifier.status(summary(result))
+        return result
+
+    def _fail(self, stage: str, message: str) -> None:
+        self._count_error(stage)
+        if message != self._last_error:  # log once while the same error repeats
+            self.log.error("audit failed", extra={"stage": stage, "error": message})
+            self._last_error = message
+
+    def _log_changes(self, result: AuditResult) -> None:
+        current = {f.key: f for f in result.findings}
+        for key, f in current.items():
+            if key not in self.open:
+                self.log.warning(
+                    f"finding: {f.message}", extra={**_finding_fields(f), "hint": f.hint}
+                )
+        for key, f in self.open.items():
+            if key not in current:
+                self.log.info("finding cleared", extra=_finding_fields(f))
+        self.open = current
+
+    def _audit_loop(self) -> None:
+        while not self.stop_event.is_set():
+            self.audit_once()
+            self.last_cycle = time.monotonic()
+            result = self.state.result
+            if not self._ready_sent and result is not None:
+                self._ready_sent = True  # READY=1 once the first audit has a result
+                self.notifier.ready(summary(result))
+            self.wake.wait(self.options.interval)
+            self.wake.clear()
+
+    def healthy(self) -> bool:
+        """The audit loop is alive: it finished a cycle recently (a hung dump is not)."""
+        limit = max(3 * self.options.interval, 60.0)
+        return time.monotonic() - self.last_cycle < limit
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        del frame
+        if signum == signal.SIGHUP:
+            self.reload_requested.set()
+        else:
+            self.stop_event.set()
+            self.wake.set()
+
+    def install_signals(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+
+    def serve(self) -> None:
+        """Runs until SIGTERM/SIGINT. Raises AuditdError if the listen address is unusable."""
+        self.server = MetricsServer(
+            self.options.listen, self.options.telemetry_path, self.get_state, self.log
+        )
+        self.server.start()
+        self.log.info(
+            "listening",
+            extra={"address": self.server.address_text, "path": self.options.telemetry_path,
+                   "version": __version__, "interval": self.options.interval},
+        )  # fmt: skip
+        worker = threading.Thread(target=self._audit_loop, name="audit", daemon=True)
+        worker.start()
+        tick = watchdog_interval()
+        step = min(tick, 0.25) if tick else 0.25
+        last_ping = 0.0
+        while not self.stop_event.is_set():
+            self.stop_event.wait(step)
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self.reload()
+            if tick and time.monotonic() - last_ping >= tick and self.healthy():
+                self.notifier.watchdog()
+                last_ping = time.monotonic()
+        self.notifier.stopping()
+        self.wake.set()
+        self.server.stop()
+        self.log.info("stopped")

@@ -1,0 +1,163 @@
+"""The HTTP endpoint: ``/metrics`` from the last audit, a landing page at ``/``.
+
+The exposition is rendered once per state change and then served as bytes, so many
+concurrent scrapers cost a dictionary lookup each, not a render.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from auditd import __version__
+from auditd.errors import AuditdError
+from auditd.exporter import ExporterState, make_registry
+
+LANDING = """<!doctype html>
+<html><head><title>keepalive-auditd</title></head>
+<body><h1>keepalive-auditd {version}</h1>
+<p>Finds TCP connections at risk of going half-open.</p>
+<p><a href="{path}">Metrics</a> (as of the last audit)</p></body></html>
+"""
+
+
+def parse_listen(address: str) -> tuple[str, int]:
+    """``:9977`` / ``127.0.0.1:9977`` / ``[::1]:9977`` -> (host, port). Raises ValueError."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep:
+        raise ValueError(f"listen address {address!r} has no port (like :9977)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(
+            f"listen address {address!r}: port {port_text!r} is not a number"
+        ) from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"listen address {address!r}: port {port} out of range")
+    return host, port
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6:
+            # ":9977" listens on both stacks, like the Go exporters.
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+class _Server4(_Server):
+    address_family = socket.AF_INET
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class MetricsServer:
+    def __init__(
+        self,
+        listen: str,
+        path: str,
+        get_state: Callable[[], ExporterState],
+        log: logging.Logger,
+    ) -> None:
+        self.listen = listen
+        self.path = path
+        self.get_state = get_state
+        self.log = log
+        self.registry = make_registry(get_state)
+        self._cache: tuple[ExporterState, bytes] | None = None
+        self._lock = threading.Lock()
+        self._httpd: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def exposition(self) -> bytes:
+        state = self.get_state()
+        cached = self._cache
+        if cached is not None and cached[0] is state:
+            return cached[1]
+        with self._lock:
+            cached = self._cache
+            if cached is not None and cached[0] is state:
+                return cached[1]
+            body = generate_latest(self.registry)
+            self._cache = (state, body)
+            return body
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = f"keepalive-auditd/{__version__}"
+
+            def do_GET(self) -> None:
+                route = self.path.split("?", 1)[0]
+                if route == server.path:
+                    self._send(200, CONTENT_TYPE_LATEST, server.exposition())
+                elif route == "/":
+                    page = LANDING.format(version=__version__, path=server.path)
+                    self._send(200, "text/html; charset=utf-8", page.encode())
+                else:
+                    self._send(404, "text/plain; charset=utf-8", b"not found\n")
+
+            def _send(self, code: int, ctype: str, body: bytes) -> None:
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", ctype)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the scraper went away
+
+            def log_message(self, format: str, *args: object) -> None:
+                del format, args  # access logs would flood journald at every scrape
+
+        return Handler
+
+    def start(self) -> None:
+        try:
+            host, port = parse_listen(self.listen)
+        except ValueError as exc:
+            raise AuditdError(str(exc)) from None
+        cls: type[_Server] = _Server6 if (":" in host or host == "") else _Server4
+        try:
+            self._httpd = cls(("::" if host == "" else host, port), self._handler())
+        except OSError as exc:
+            if host != "" or cls is _Server4:
+                raise AuditdError(f"cannot listen on {self.listen}: {exc.strerror}") from None
+            try:  # ":port" on a host without IPv6
+                self._httpd = _Server4(("0.0.0.0", port), self._handler())
+            except OSError as exc4:
+                raise AuditdError(f"cannot listen on {self.listen}: {exc4.strerror}") from None
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name="http",
+            daemon=True,
+        )
+        self._thread.start()
+
+    @property
+    def address_text(self) -> str:
+        if self._httpd is None:
+            return self.listen
+        host, port = self._httpd.server_address[:2]
+        text = host.decode() if isinstance(host, bytes) else str(host)
+        return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()

@@ -1,0 +1,103 @@
+"""Sysctls and TCP counters of the calling thread's network namespace, from procfs.
+
+``/proc/sys/net`` and ``/proc/thread-self/net`` show the namespace of the *thread* that opens
+them (``current->nsproxy``), which is what lets a thread that entered another namespace with
+setns read that namespace's values. The procfs root is a parameter so tests use a fake tree.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from auditd.model import Counters, Sysctls
+
+# Dotted name -> path below /proc/sys. Optional ones are absent on some kernels or until a
+# module loads (tcp_rto_max_ms: Linux 6.15+; conntrack: nf_conntrack loaded).
+SYSCTL_NAMES: tuple[str, ...] = (
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+    "net.ipv4.tcp_retries1",
+    "net.ipv4.tcp_retries2",
+    "net.ipv4.tcp_syn_retries",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_orphan_retries",
+    "net.ipv4.tcp_rto_max_ms",
+    "net.netfilter.nf_conntrack_tcp_timeout_established",
+)
+
+
+def sysctl_path(proc_root: str, name: str) -> str:
+    return os.path.join(proc_root, "sys", *name.split("."))
+
+
+def read_sysctls(proc_root: str = "/proc", names: Iterable[str] = SYSCTL_NAMES) -> Sysctls:
+    """The namespace's sysctls; a file that is missing or unreadable is left out."""
+    values: dict[str, int] = {}
+    for name in names:
+        try:
+            with open(sysctl_path(proc_root, name), encoding="ascii") as f:
+                text = f.read()
+        except OSError:
+            continue
+        parsed = parse_sysctl(text)
+        if parsed is not None:
+            values[name] = parsed
+    return Sysctls(values)
+
+
+def parse_sysctl(text: str) -> int | None:
+    """``"7200\\n"`` -> 7200; anything that is not a single integer -> None."""
+    try:
+        return int(text.strip())
+    except ValueError:
+        return None
+
+
+def parse_snmp_table(text: str) -> dict[str, dict[str, int]]:
+    """Pairs of header/value lines (``TcpExt: A B`` / ``TcpExt: 1 2``) -> {prefix: {key: n}}.
+
+    The format of /proc/net/netstat and /proc/net/snmp. Malformed pairs are skipped.
+    """
+    tables: dict[str, dict[str, int]] = {}
+    lines = text.splitlines()
+    for head, body in zip(lines[::2], lines[1::2]):
+        hname, _, hkeys = head.partition(":")
+        bname, _, bvalues = body.partition(":")
+        if hname != bname or not hname:
+            continue
+        keys = hkeys.split()
+        values = bvalues.split()
+        if len(keys) != len(values):
+            continue
+        table = tables.setdefault(hname, {})
+        for key, value in zip(keys, values):
+            try:
+                table[key] = int(value)
+            except ValueError:
+                continue
+    return tables
+
+
+def _read_table(path: str) -> dict[str, dict[str, int]]:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return parse_snmp_table(f.read())
+    except OSError:
+        return {}
+
+
+def read_counters(proc_root: str = "/proc") -> Counters:
+    """TcpExt and Tcp counters of the calling thread's namespace; missing ones are None."""
+    net = os.path.join(proc_root, "thread-self", "net")
+    if not os.path.isdir(net):  # fake trees and kernels before 3.17
+        net = os.path.join(proc_root, "net")
+    ext = _read_table(os.path.join(net, "netstat")).get("TcpExt", {})
+    tcp = _read_table(os.path.join(net, "snmp")).get("Tcp", {})
+    return Counters(
+        keepalive_probes=ext.get("TCPKeepAlive"),
+        abort_on_timeout=ext.get("TCPAbortOnTimeout"),
+        timeouts=ext.get("TCPTimeouts"),
+        retrans_segs=tcp.get("RetransSegs"),
+    )

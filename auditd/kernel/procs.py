@@ -1,0 +1,78 @@
+"""Which process owns a socket: socket inode -> pid through ``/proc/PID/fd``.
+
+Best effort by nature: processes exit and fds close while we look, and without
+CAP_SYS_PTRACE (or CAP_DAC_READ_SEARCH) other users' fd tables are unreadable. All of that
+is skipped silently; the caller gets the owners it could find.
+
+Cost is one ``readlink`` per open fd on the host, so the scan only runs for the sockets the
+audit flags, and stops as soon as every wanted inode is found.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection
+
+from auditd.model import ProcessInfo
+
+CMDLINE_MAX = 200
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4096)
+
+
+def process_info(pid: int, proc_root: str = "/proc") -> ProcessInfo | None:
+    """Name and command line (cut short) of ``pid``, or None if it is gone."""
+    base = os.path.join(proc_root, str(pid))
+    try:
+        name = _read(os.path.join(base, "comm")).decode(errors="replace").strip()
+    except OSError:
+        return None
+    try:
+        raw = _read(os.path.join(base, "cmdline"))
+    except OSError:
+        raw = b""
+    cmdline = raw.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+    if len(cmdline) > CMDLINE_MAX:
+        cmdline = cmdline[: CMDLINE_MAX - 3] + "..."
+    return ProcessInfo(pid=pid, name=name, cmdline=cmdline)
+
+
+def find_owners(inodes: Collection[int], proc_root: str = "/proc") -> dict[int, ProcessInfo]:
+    """Owner of each socket inode that some process holds open; others are left out."""
+    wanted = {f"socket:[{inode}]": inode for inode in inodes if inode}
+    found: dict[int, ProcessInfo] = {}
+    if not wanted:
+        return found
+    try:
+        entries = os.listdir(proc_root)
+    except OSError:
+        return found
+    readlink = os.readlink
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        fd_dir = os.path.join(proc_root, entry, "fd")
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:  # gone, or not ours to read
+            continue
+        hits: list[int] = []
+        for fd in fds:
+            try:
+                target = readlink(os.path.join(fd_dir, fd))
+            except OSError:
+                continue
+            inode = wanted.get(target)
+            if inode is not None and inode not in found:
+                hits.append(inode)
+        if hits:
+            info = process_info(int(entry), proc_root)
+            if info is not None:
+                for inode in hits:
+                    found[inode] = info
+            if len(found) == len(wanted):
+                break
+    return found

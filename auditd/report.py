@@ -1,0 +1,214 @@
+"""Audit results as people and programs read them: the JSON document, the table, explain.
+
+The JSON schema (``schema_version`` 1) is documented in README.md; a change that removes or
+renames a key bumps the version.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+from auditd.audit import hints
+from auditd.audit.evaluate import DEFAULT_RULE
+from auditd.audit.inference import retries2_timeout
+from auditd.audit.run import AuditResult, NamespaceReport
+from auditd.config import RuleSet, Thresholds
+from auditd.model import Finding, Keepalive, Sysctls
+
+SCHEMA_VERSION = 1
+
+
+def rfc3339(ts: float) -> str:
+    return (
+        datetime.fromtimestamp(ts, tz=timezone.utc)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+def finding_dict(f: Finding) -> dict[str, Any]:
+    return {
+        "kind": f.kind,
+        "severity": f.severity.label,
+        "rule": f.rule,
+        "netns": f.netns,
+        "state": f.state,
+        "local": f.local,
+        "remote": f.remote,
+        "idle_seconds": f.idle_seconds,
+        "keepalive": f.keepalive,
+        "probes": f.probes,
+        "retransmits": f.retransmits,
+        "abort_in_seconds": f.abort_in_seconds,
+        "pid": f.pid,
+        "process": f.process,
+        "inode": f.inode,
+        "sysctl": f.sysctl,
+        "value": f.value,
+        "expected": f.expected,
+        "case": f.case,
+        "message": f.message,
+        "hint": f.hint,
+    }
+
+
+def namespace_dict(ns: NamespaceReport) -> dict[str, Any]:
+    by_state: dict[str, int] = {}
+    by_keepalive: dict[str, int] = dict.fromkeys(Keepalive.ALL, 0)
+    by_both: dict[str, dict[str, int]] = {}
+    for (state, ka), n in sorted(ns.connections.items()):
+        by_state[state] = by_state.get(state, 0) + n
+        by_keepalive[ka] = by_keepalive.get(ka, 0) + n
+        by_both.setdefault(state, dict.fromkeys(Keepalive.ALL, 0))[ka] = n
+    c = ns.counters
+    return {
+        "netns": ns.netns,
+        "inode": ns.inode,
+        "sysctls": dict(sorted(ns.sysctls.values.items())),
+        "detection": {
+            "idle_seconds": ns.detection_idle_seconds,
+            "in_flight_seconds": ns.detection_in_flight_seconds,
+        },
+        "sockets": {
+            "total": ns.sockets,
+            "by_state": by_state,
+            "by_keepalive": by_keepalive,
+            "by_state_and_keepalive": by_both,
+        },
+        "counters": {
+            "keepalive_probes": c.keepalive_probes,
+            "abort_on_timeout": c.abort_on_timeout,
+            "timeouts": c.timeouts,
+            "retrans_segs": c.retrans_segs,
+        },
+        "dump": {
+            "messages": ns.dump_messages,
+            "skipped": ns.dump_skipped,
+            "interrupted": ns.dump_interrupted,
+        },
+    }
+
+
+def to_json(result: AuditResult) -> str:
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "generated_at": rfc3339(result.generated_at),
+        "duration_seconds": round(result.duration_seconds, 6),
+        "namespaces": [namespace_dict(ns) for ns in result.namespaces],
+        "findings": [finding_dict(f) for f in result.findings],
+    }
+    return json.dumps(doc, indent=2, ensure_ascii=False)
+
+
+def _dur(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{seconds:.1f}s"
+
+
+COLUMNS = ("SEVERITY", "KIND", "RULE", "NETNS", "STATE", "LOCAL", "REMOTE", "IDLE", "KA",
+           "PROBES", "RETX", "ABORT_IN", "PROCESS")  # fmt: skip
+
+
+def _row(f: Finding) -> tuple[str, ...]:
+    proc = f"{f.process}[{f.pid}]" if f.process else "-"
+    if f.sysctl is not None:
+        return (f.severity.label, f.kind, f.rule, f.netns, "-", f.sysctl, f"={f.value:g}" if
+                f.value is not None else "-", "-", "-", "-", "-", "-", "-")  # fmt: skip
+    return (
+        f.severity.label, f.kind, f.rule, f.netns, f.state or "-", f.local or "-", f.remote or "-",
+        _dur(f.idle_seconds), f.keepalive or "-", str(f.probes if f.probes is not None else "-"),
+        str(f.retransmits if f.retransmits is not None else "-"), _dur(f.abort_in_seconds), proc,
+    )  # fmt: skip
+
+
+def to_table(result: AuditResult) -> str:
+    lines: list[str] = []
+    for ns in result.namespaces:
+        counts = namespace_dict(ns)["sockets"]
+        ka = counts["by_keepalive"]
+        lines.append(
+            f"netns {ns.netns}: {ns.sockets} TCP sockets (keepalive on {ka['on']}, off "
+            f"{ka['off']}, unknown {ka['unknown']}); dead peer noticed after "
+            f"{ns.detection_idle_seconds:g} s idle, {ns.detection_in_flight_seconds:g} s in flight"
+        )
+    if not result.findings:
+        lines.append("no findings")
+        return "\n".join(lines) + "\n"
+    rows = [COLUMNS] + [_row(f) for f in result.findings]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    lines.append("")
+    for i, (row, f) in enumerate(zip(rows, [None, *result.findings])):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        if f is not None:
+            lines.append(f"    why: {f.message}")
+            lines.append(f"    fix: {f.hint}")
+        del i
+    by_sev: dict[str, int] = {}
+    for f in result.findings:
+        by_sev[f.severity.label] = by_sev.get(f.severity.label, 0) + 1
+    lines.append("")
+    lines.append(
+        f"{len(result.findings)} findings: "
+        + ", ".join(f"{by_sev.get(s, 0)} {s}" for s in ("critical", "warning", "info"))
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _needs(t: Thresholds, s: Sysctls, label: str) -> list[str]:
+    idle, intvl, cnt = hints.suggest_keepalive(t)
+    ka_detect = s.keepalive_time + s.keepalive_probes * s.keepalive_intvl
+    in_flight = retries2_timeout(s.retries2, s.rto_max_ms)
+    out = [
+        f"  {label}: idle_timeout {t.idle_timeout:g} s, detection_budget {t.detection_budget:g} s"
+    ]
+    verdict = "ok" if s.keepalive_time < t.idle_timeout else "TOO SLOW"
+    out.append(
+        f"    first keepalive probe must come before {t.idle_timeout:g} s: namespace default "
+        f"tcp_keepalive_time {s.keepalive_time} s: {verdict}"
+    )
+    verdict = "ok" if ka_detect <= t.detection_budget else "OVER BUDGET"
+    out.append(
+        f"    idle dead-peer detection {ka_detect:g} s <= {t.detection_budget:g} s: {verdict}"
+    )
+    verdict = "ok" if in_flight <= t.detection_budget else "OVER BUDGET"
+    out.append(
+        f"    in-flight dead-peer detection {in_flight:g} s <= {t.detection_budget:g} s: {verdict}"
+    )
+    out.append(
+        f"    a fitting keepalive: idle {idle} s, interval {intvl} s, {cnt} probes "
+        f"({idle + intvl * cnt} s to notice a dead peer); tcp_retries2 "
+        f"{hints.retries2_for_budget(t.detection_budget, s.rto_max_ms)}"
+    )
+    return out
+
+
+def explain(rules: RuleSet, ns: NamespaceReport) -> str:
+    s = ns.sysctls
+    lines = [f"netns {ns.netns}" + (f" (inode {ns.inode})" if ns.inode else "")]
+    lines.append("sysctls:")
+    for name, value in sorted(s.values.items()):
+        lines.append(f"  {name} = {value}")
+    lines.append("")
+    lines.append("dead peer, idle connection with SO_KEEPALIVE on the namespace defaults:")
+    lines.append(f"  {hints.idle_arithmetic(s)}")
+    lines.append("  (without SO_KEEPALIVE an idle connection never notices: ESTABLISHED forever)")
+    lines.append("dead peer, data in flight (tcp_retries2 model, a lower bound):")
+    lines.append(f"  {hints.in_flight_arithmetic(s)}")
+    lines.append("  TCP_USER_TIMEOUT on a socket replaces this model")
+    lines.append("")
+    lines.append(f"rules ({rules.source}):")
+    lines.extend(_needs(rules.defaults, s, DEFAULT_RULE))
+    for rule in rules.rules:
+        if rule.ignore:
+            lines.append(f"  {rule.name}: ignored")
+        elif rule.overrides:
+            lines.extend(_needs(rule.thresholds, s, rule.name))
+    return "\n".join(lines) + "\n"
