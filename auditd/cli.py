@@ -142,6 +142,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from auditd import logs
     from auditd.daemon import Daemon, DaemonOptions
+    from auditd.http import parse_listen
 
     try:
         interval = parse_duration(args.interval)
@@ -151,6 +152,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--audit.interval: must be at least 1s")
     if not args.telemetry_path.startswith("/") or args.telemetry_path == "/":
         raise UsageError("--web.telemetry-path: must start with / and not be / itself")
+    try:  # a malformed address is bad usage (exit 2), found before anything is logged
+        parse_listen(args.listen)
+    except ValueError as exc:
+        raise UsageError(f"--web.listen-address: {exc}") from None
     log = logs.setup(args.log_level, args.log_format)
     options = DaemonOptions(args.config_file, interval, args.listen, args.telemetry_path)
     daemon = Daemon(options, lambda: [(HOST_NETNS, LocalKernel())], log)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import sys
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import NamedTuple
@@ -42,6 +43,14 @@ class TcpState(IntEnum):
     def label(self) -> str:
         """Lower-case name used in JSON and metric labels (``close_wait``)."""
         return self.name.lower()
+
+
+# int state -> label, for the hot paths (an IntEnum lookup costs microseconds).
+STATE_LABELS: dict[int, str] = {s.value: s.label for s in TcpState}
+
+
+def state_label(state: int) -> str:
+    return STATE_LABELS.get(state, "unknown")
 
 
 class TimerKind(IntEnum):
@@ -115,19 +124,23 @@ class Sock(NamedTuple):
     """One socket as sock_diag reports it: a flat record, decoded before any logic.
 
     A NamedTuple rather than a frozen dataclass on purpose: an audit builds one per socket
-    (200k on a busy proxy) and ``tuple.__new__`` is several times cheaper than a frozen
-    dataclass ``__init__``. Times are kernel units: ``expires_ms`` and the ``last_*_ms``
-    ages in milliseconds, ``rto_us`` in microseconds.
+    (200k on a busy proxy), straight from one ``struct.unpack_from`` in field order, and
+    ``tuple.__new__`` is several times cheaper than a frozen dataclass ``__init__``. That is
+    also why the ports are kept as the kernel's big-endian bytes read natively
+    (``sport_raw``) and addresses as the kernel's 16 bytes: the conversions are properties,
+    paid only for the few sockets that are reported. Build records by hand with
+    ``make_sock``. Times are kernel units: ``expires_ms`` and the ``last_*_ms`` ages in
+    milliseconds, ``rto_us`` and ``rtt_us`` in microseconds.
     """
 
     family: int
     state: int
     timer: int
-    retrans: int  # idiag_retrans: retransmits (timer 1) or keepalive probes out (timer 2)
-    sport: int  # host order
-    dport: int
-    src: bytes  # 4 bytes (IPv4) or 16 (IPv6)
-    dst: bytes
+    retrans: int  # idiag_retrans: retransmits (timer 1) or probes out (timers 2 and 4)
+    sport_raw: int  # network-order port read as a native u16; see .sport
+    dport_raw: int
+    src16: bytes  # 16 bytes; an IPv4 address is the first 4
+    dst16: bytes
     expires_ms: int
     rqueue: int
     wqueue: int
@@ -146,20 +159,87 @@ class Sock(NamedTuple):
     total_retrans: int
 
     @property
+    def sport(self) -> int:
+        return swap16(self.sport_raw) if _LITTLE else self.sport_raw
+
+    @property
+    def dport(self) -> int:
+        return swap16(self.dport_raw) if _LITTLE else self.dport_raw
+
+    @property
+    def src(self) -> bytes:
+        return self.src16[:4] if self.family == socket.AF_INET else self.src16
+
+    @property
+    def dst(self) -> bytes:
+        return self.dst16[:4] if self.family == socket.AF_INET else self.dst16
+
+    @property
     def local(self) -> str:
-        return format_endpoint(self.family, self.src, self.sport)
+        return format_endpoint(self.family, self.src16, self.sport)
 
     @property
     def remote(self) -> str:
-        return format_endpoint(self.family, self.dst, self.dport)
+        return format_endpoint(self.family, self.dst16, self.dport)
 
     @property
     def local_ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-        return _ip(self.family, self.src)
+        return _ip(self.family, self.src16)
 
     @property
     def remote_ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-        return _ip(self.family, self.dst)
+        return _ip(self.family, self.dst16)
+
+
+_LITTLE = sys.byteorder == "little"
+
+
+def swap16(value: int) -> int:
+    return ((value & 0xFF) << 8) | (value >> 8)
+
+
+def make_sock(
+    *,
+    family: int = socket.AF_INET,
+    state: int = 1,
+    timer: int = 0,
+    retrans: int = 0,
+    sport: int = 0,
+    dport: int = 0,
+    src: bytes | str = "127.0.0.1",
+    dst: bytes | str = "127.0.0.1",
+    expires_ms: int = 0,
+    rqueue: int = 0,
+    wqueue: int = 0,
+    uid: int = 0,
+    inode: int = 0,
+    has_info: bool = True,
+    ca_retransmits: int = 0,
+    probes: int = 0,
+    backoff: int = 0,
+    rto_us: int = 200_000,
+    unacked: int = 0,
+    last_data_sent_ms: int = 0,
+    last_data_recv_ms: int = 0,
+    last_ack_recv_ms: int = 0,
+    rtt_us: int = 0,
+    total_retrans: int = 0,
+) -> Sock:
+    """A Sock from host-order ports and printable or packed addresses (tests, fakes)."""
+
+    def pack(addr: bytes | str) -> bytes:
+        raw = addr if isinstance(addr, bytes) else ipaddress.ip_address(addr).packed
+        return raw.ljust(16, b"\0")
+
+    def raw_port(port: int) -> int:
+        return swap16(port) if _LITTLE else port
+
+    return Sock(
+        family, state, timer, retrans, raw_port(sport), raw_port(dport), pack(src), pack(dst),
+        expires_ms, rqueue, wqueue, uid, inode, has_info, ca_retransmits, probes, backoff,
+        rto_us, unacked, last_data_sent_ms, last_data_recv_ms, last_ack_recv_ms, rtt_us,
+        total_retrans,
+    )  # fmt: skip
 
 
 def _ip(family: int, raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -170,10 +250,9 @@ def _ip(family: int, raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Addres
 
 def format_endpoint(family: int, raw: bytes, port: int) -> str:
     """``10.0.0.1:80`` or ``[2001:db8::1]:80`` (the JSON ``local``/``remote`` format)."""
-    ip = _ip(family, raw)
-    if ip.version == 6:
-        return f"[{ip}]:{port}"
-    return f"{ip}:{port}"
+    if family == socket.AF_INET:
+        return f"{socket.inet_ntop(socket.AF_INET, raw[:4])}:{port}"
+    return f"[{socket.inet_ntop(socket.AF_INET6, raw[:16])}]:{port}"
 
 
 @dataclass(frozen=True, slots=True)

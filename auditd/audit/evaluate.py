@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
-from dataclasses import replace
 
 from auditd.audit import hints
 from auditd.audit.inference import (
@@ -32,6 +31,7 @@ from auditd.model import (
     Sysctls,
     TcpState,
     TimerKind,
+    state_label,
 )
 
 DEFAULT_RULE = "default"
@@ -111,7 +111,8 @@ def _sev(default: Severity, rule: Rule | None) -> Severity:
 
 
 def _fmt_s(seconds: float) -> str:
-    return f"{seconds:.1f}".rstrip("0").rstrip(".") + " s"
+    r = round(seconds, 1)
+    return f"{int(r)} s" if r == int(r) else f"{r} s"
 
 
 def socket_findings(
@@ -129,26 +130,33 @@ def socket_findings(
     rule_name = rule.name if rule is not None else DEFAULT_RULE
     ka = keepalive_status(sock)
     path_idle = path_idle_ms(sock) / 1000
-    base = Finding(
-        kind="",
-        severity=Severity.INFO,
-        rule=rule_name,
-        netns=netns,
-        message="",
-        hint="",
-        state=TcpState.of(sock.state).label,
-        local=sock.local,
-        remote=sock.remote,
-        idle_seconds=round(path_idle, 3),
-        keepalive=ka,
-        probes=sock.retrans
-        if sock.timer in (TimerKind.KEEPALIVE, TimerKind.ZERO_WINDOW_PROBE)
-        else 0,
-        retransmits=sock.retrans if sock.timer == TimerKind.RETRANSMIT else 0,
-        pid=process.pid if process is not None else None,
-        process=process.name if process is not None else None,
-        inode=sock.inode or None,
-    )
+    probes = sock.retrans if sock.timer in (TimerKind.KEEPALIVE, TimerKind.ZERO_WINDOW_PROBE) else 0
+    label = state_label(sock.state)
+    local, remote = sock.local, sock.remote
+
+    def make(
+        kind: str, sev: Severity, message: str, hint: str, left: float | None = None
+    ) -> Finding:
+        return Finding(
+            kind=kind,
+            severity=_sev(sev, rule),
+            rule=rule_name,
+            netns=netns,
+            message=message,
+            hint=hint,
+            state=label,
+            local=local,
+            remote=remote,
+            idle_seconds=round(path_idle, 3),
+            keepalive=ka,
+            probes=probes,
+            retransmits=sock.retrans if sock.timer == TimerKind.RETRANSMIT else 0,
+            abort_in_seconds=None if left is None else round(left, 1),
+            pid=process.pid if process is not None else None,
+            process=process.name if process is not None else None,
+            inode=sock.inode or None,
+        )
+
     out: list[Finding] = []
     app = process.name if process is not None else None
 
@@ -156,103 +164,75 @@ def socket_findings(
         if sock.retrans >= t.retransmit_threshold and sock.state in KEEPALIVE_STATES:
             left = abort_in(sock, sysctls)
             what = "retransmissions" if sock.timer == TimerKind.RETRANSMIT else "zero-window probes"
-            sev = (
-                Severity.CRITICAL
-                if sock.retrans >= 2 * t.retransmit_threshold
-                else Severity.WARNING
-            )
-            out.append(
-                replace(
-                    base,
-                    kind=FindingKind.RETRANSMITTING,
-                    severity=_sev(sev, rule),
-                    abort_in_seconds=None if left is None else round(left, 1),
-                    message=(
-                        f"{sock.retrans} unanswered {what} with {sock.unacked} segment(s) "
-                        f"unacknowledged: the peer is unreachable; the kernel gives up in about "
-                        f"{_fmt_s(left or 0)} (tcp_retries2={sysctls.retries2})"
-                    ),
-                    hint=hints.in_flight(t, sysctls, app),
-                )
-            )
+            worse = sock.retrans >= 2 * t.retransmit_threshold
+            out.append(make(
+                FindingKind.RETRANSMITTING,
+                Severity.CRITICAL if worse else Severity.WARNING,
+                f"{sock.retrans} unanswered {what} with {sock.unacked} segment(s) "
+                f"unacknowledged: the peer is unreachable; the kernel gives up in about "
+                f"{_fmt_s(left or 0)} (tcp_retries2={sysctls.retries2})",
+                hints.in_flight(t, sysctls.retries2, sysctls.rto_max_ms, app),
+                left,
+            ))  # fmt: skip
     elif ka == Keepalive.ON and sock.retrans > 0:
         params = keepalive_params(sock, sysctls)
         left = abort_in(sock, sysctls)
-        sev = Severity.CRITICAL if sock.retrans >= 2 else Severity.WARNING
-        out.append(
-            replace(
-                base,
-                kind=FindingKind.KEEPALIVE_PROBING,
-                severity=_sev(sev, rule),
-                abort_in_seconds=None if left is None else round(left, 1),
-                message=(
-                    f"{sock.retrans} keepalive probe(s) unanswered after "
-                    f"{_fmt_s(recv_idle_ms(sock) / 1000)} of silence: the peer is gone and the "
-                    f"connection is half-open now; the kernel aborts it in about "
-                    f"{_fmt_s(left or 0)} ({params.cnt} probes every {_fmt_s(params.intvl)})"
-                ),
-                hint=hints.probing(t, app),
-            )
-        )
+        out.append(make(
+            FindingKind.KEEPALIVE_PROBING,
+            Severity.CRITICAL if sock.retrans >= 2 else Severity.WARNING,
+            f"{sock.retrans} keepalive probe(s) unanswered after "
+            f"{_fmt_s(recv_idle_ms(sock) / 1000)} of silence: the peer is gone and the "
+            f"connection is half-open now; the kernel aborts it in about "
+            f"{_fmt_s(left or 0)} ({params.cnt} probes every {_fmt_s(params.intvl)})",
+            hints.probing(),
+            left,
+        ))  # fmt: skip
     elif ka == Keepalive.ON:
         params = keepalive_params(sock, sysctls)
         bound = params.idle_lower_bound
         if bound is not None and bound > t.idle_timeout:
-            out.append(
-                replace(
-                    base,
-                    kind=FindingKind.KEEPALIVE_TOO_SLOW,
-                    severity=_sev(Severity.WARNING, rule),
-                    message=(
-                        f"keepalive is on but its first probe comes at least {_fmt_s(bound)} "
-                        f"after the last segment received, later than the "
-                        f"{_fmt_s(t.idle_timeout)} idle timeout of the path"
-                        + (
-                            f" (the namespace default tcp_keepalive_time={sysctls.keepalive_time})"
-                            if params.source == "sysctl"
-                            else " (the socket sets its own TCP_KEEPIDLE)"
-                        )
-                    ),
-                    hint=hints.too_slow(t, app),
-                )
+            whose = (
+                f" (the namespace default tcp_keepalive_time={sysctls.keepalive_time})"
+                if params.source == "sysctl"
+                else " (the socket sets its own TCP_KEEPIDLE)"
             )
-    elif ka == Keepalive.OFF and sock.state == TcpState.ESTABLISHED:
-        warn_after = t.warn_at * t.idle_timeout
-        if path_idle >= warn_after:
-            sev = Severity.CRITICAL if path_idle >= t.idle_timeout else Severity.WARNING
-            verdict = (
-                "a middlebox on the path has probably dropped it already"
-                if sev == Severity.CRITICAL
-                else f"it is {path_idle / t.idle_timeout:.0%} of the way to being dropped"
-            )
-            out.append(
-                replace(
-                    base,
-                    kind=FindingKind.IDLE_NO_KEEPALIVE,
-                    severity=_sev(sev, rule),
-                    message=(
-                        f"idle for {_fmt_s(path_idle)} without keepalive (path idle timeout "
-                        f"{_fmt_s(t.idle_timeout)}): {verdict}; a dead peer would never be noticed"
-                    ),
-                    hint=hints.no_keepalive(t, app),
-                )
-            )
+            out.append(make(
+                FindingKind.KEEPALIVE_TOO_SLOW,
+                Severity.WARNING,
+                f"keepalive is on but its first probe comes at least {_fmt_s(bound)} after the "
+                f"last segment received, later than the {_fmt_s(t.idle_timeout)} idle timeout "
+                f"of the path{whose}",
+                hints.too_slow(t, app),
+            ))  # fmt: skip
+    elif (
+        ka == Keepalive.OFF
+        and sock.state == TcpState.ESTABLISHED
+        and path_idle >= t.warn_at * t.idle_timeout
+    ):
+        critical = path_idle >= t.idle_timeout
+        verdict = (
+            "a middlebox on the path has probably dropped it already"
+            if critical
+            else f"it is {path_idle / t.idle_timeout:.0%} of the way to being dropped"
+        )
+        out.append(make(
+            FindingKind.IDLE_NO_KEEPALIVE,
+            Severity.CRITICAL if critical else Severity.WARNING,
+            f"idle for {_fmt_s(path_idle)} without keepalive (path idle timeout "
+            f"{_fmt_s(t.idle_timeout)}): {verdict}; a dead peer would never be noticed",
+            hints.no_keepalive(t, app),
+        ))  # fmt: skip
 
     if sock.state == TcpState.CLOSE_WAIT:
         age = recv_idle_ms(sock) / 1000
         if age >= t.close_wait_after:
-            out.append(
-                replace(
-                    base,
-                    kind=FindingKind.CLOSE_WAIT,
-                    severity=_sev(Severity.WARNING, rule),
-                    message=(
-                        f"in CLOSE_WAIT for {_fmt_s(age)}: the peer closed (its process exited "
-                        f"or closed the connection) and the local application never closed its side"
-                    ),
-                    hint=hints.close_wait(app),
-                )
-            )
+            out.append(make(
+                FindingKind.CLOSE_WAIT,
+                Severity.WARNING,
+                f"in CLOSE_WAIT for {_fmt_s(age)}: the peer closed (its process exited or "
+                f"closed the connection) and the local application never closed its side",
+                hints.close_wait(app),
+            ))  # fmt: skip
     return out
 
 

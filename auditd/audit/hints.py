@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from functools import lru_cache
 
 from auditd.audit.inference import retries2_timeout
 from auditd.config import SysctlBound, Thresholds
@@ -34,6 +35,7 @@ GENERIC_KNOB = (
 )
 
 
+@lru_cache(maxsize=1024)
 def app_knob(process: str | None) -> str:
     """The named application's keepalive setting, or the generic socket options."""
     if process:
@@ -63,12 +65,16 @@ def _ka_text(t: Thresholds) -> str:
     return f"keepalive idle {idle} s, interval {intvl} s, {cnt} probes"
 
 
+# Hints depend only on the thresholds and the application: cached, since a busy host can
+# have tens of thousands of findings that share a handful of hints.
+@lru_cache(maxsize=1024)
 def no_keepalive(t: Thresholds, process: str | None) -> str:
     return (
         f"enable keepalive with {_ka_text(t)}: {app_knob(process)}; or send application heartbeats"
     )
 
 
+@lru_cache(maxsize=1024)
 def too_slow(t: Thresholds, process: str | None) -> str:
     idle, _, _ = suggest_keepalive(t)
     return (
@@ -77,21 +83,25 @@ def too_slow(t: Thresholds, process: str | None) -> str:
     )
 
 
-def probing(t: Thresholds, process: str | None) -> str:
+def probing() -> str:
     return (
         "check the peer and the path (middlebox idle timeout, firewall, host down); "
         "the application will get ETIMEDOUT and should reconnect"
     )
 
 
-def in_flight(t: Thresholds, sysctls: Sysctls, process: str | None) -> str:
-    n = retries2_for_budget(t.detection_budget, sysctls.rto_max_ms)
+@lru_cache(maxsize=1024)
+def in_flight(t: Thresholds, retries2: int, rto_max_ms: int, process: str | None) -> str:
+    n = retries2_for_budget(t.detection_budget, rto_max_ms)
+    if n >= retries2:
+        return "check the peer and the path; TCP_USER_TIMEOUT on the socket makes it give up sooner"
     return (
         "check the peer and the path; to notice sooner, set TCP_USER_TIMEOUT on the socket "
-        f"or net.ipv4.tcp_retries2={n} ({retries2_timeout(n, sysctls.rto_max_ms):g} s)"
+        f"or net.ipv4.tcp_retries2={n} ({retries2_timeout(n, rto_max_ms):g} s)"
     )
 
 
+@lru_cache(maxsize=1024)
 def close_wait(process: str | None) -> str:
     who = process or "the application"
     return f"{who} must close() the socket once read() returns end-of-file; restart it to release the leak"

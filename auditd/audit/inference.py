@@ -156,7 +156,10 @@ def zero_window_abort_in(sock: Sock, sysctls: Sysctls) -> float:
     """Zero-window probing (timer 4) is bounded by a probe *count*: tcp_retries2."""
     remaining = max(sysctls.retries2 - sock.retrans, 0)
     rto_max = sysctls.rto_max_ms / 1000
-    interval = max(sock.rto_us / 1_000_000, TCP_RTO_MIN_MS / 1000)
+    # Each probe re-arms for min(max(icsk_rto, TCP_RTO_MIN) << icsk_backoff, rto_max)
+    # (tcp_send_probe0, tcp_probe0_when) and bumps the backoff; tcpi_rto is the unshifted base.
+    base = max(sock.rto_us / 1_000_000, TCP_RTO_MIN_MS / 1000)
+    interval = min(base * (1 << min(sock.backoff, 30)), rto_max)
     total = sock.expires_ms / 1000
     for _ in range(remaining):
         interval = min(interval * 2, rto_max)

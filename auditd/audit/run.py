@@ -20,10 +20,10 @@ from auditd.audit.evaluate import (
     socket_findings,
     sysctl_findings,
 )
-from auditd.audit.inference import keepalive_status, path_idle_ms
+from auditd.audit.inference import keepalive_status
 from auditd.config import RuleSet
 from auditd.kernel import DumpStats, KernelSource
-from auditd.model import Counters, Finding, Keepalive, Sock, Sysctls, TcpState
+from auditd.model import Counters, Finding, Keepalive, Sock, Sysctls, TcpState, state_label
 
 HOST_NETNS = "host"
 
@@ -99,7 +99,7 @@ def audit_namespace(
         key = (sock.state, ka)
         counts[key] = counts.get(key, 0) + 1
         if sock.state == established:
-            idle_ms = path_idle_ms(sock)
+            idle_ms = min(sock.last_data_recv_ms, sock.last_ack_recv_ms, sock.last_data_sent_ms)
             hist[ka][where(bounds, idle_ms)] += 1
             idle_ms_sum[ka] += idle_ms
         if flag(sock, limits):
@@ -129,7 +129,7 @@ def audit_namespace(
         counters=counters,
         detection_idle_seconds=idle,
         detection_in_flight_seconds=in_flight,
-        connections={(TcpState.of(st).label, ka): n for (st, ka), n in counts.items()},
+        connections={(state_label(st), ka): n for (st, ka), n in counts.items()},
         sockets=total,
         dump_messages=stats.messages,
         dump_skipped=stats.skipped,

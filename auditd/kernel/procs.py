@@ -54,20 +54,24 @@ def find_owners(inodes: Collection[int], proc_root: str = "/proc") -> dict[int, 
     for entry in entries:
         if not entry.isdigit():
             continue
-        fd_dir = os.path.join(proc_root, entry, "fd")
-        try:
-            fds = os.listdir(fd_dir)
+        try:  # readlink relative to the open fd directory: no path building, no path walk
+            dir_fd = os.open(os.path.join(proc_root, entry, "fd"), os.O_RDONLY | os.O_DIRECTORY)
         except OSError:  # gone, or not ours to read
             continue
         hits: list[int] = []
-        for fd in fds:
-            try:
-                target = readlink(os.path.join(fd_dir, fd))
-            except OSError:
-                continue
-            inode = wanted.get(target)
-            if inode is not None and inode not in found:
-                hits.append(inode)
+        try:
+            for fd in os.listdir(dir_fd):
+                try:
+                    target = readlink(fd, dir_fd=dir_fd)
+                except OSError:
+                    continue
+                inode = wanted.get(target)
+                if inode is not None and inode not in found:
+                    hits.append(inode)
+        except OSError:
+            pass
+        finally:
+            os.close(dir_fd)
         if hits:
             info = process_info(int(entry), proc_root)
             if info is not None:

@@ -15,8 +15,10 @@ import errno
 import os
 import socket
 import struct
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from auditd.errors import KernelError
 from auditd.model import Sock, TcpState
@@ -64,6 +66,8 @@ _MSG_HDR_LEN = NLMSGHDR.size + DIAG_MSG.size  # 88: where the attributes start
 
 RECV_BUFFER = 256 * 1024
 
+Buffer = bytes | bytearray | memoryview
+
 
 @dataclass(slots=True)
 class DumpStats:
@@ -74,11 +78,6 @@ class DumpStats:
     truncated: bool = False  # a message ran past the end of its datagram
     interrupted: bool = False  # NLM_F_DUMP_INTR: the socket table changed during the dump
     done: int = 0  # NLMSG_DONE seen (one per family)
-
-
-def _swap16(value: int) -> int:
-    """Network to host order for the ports, which sit big-endian inside a native struct."""
-    return ((value & 0xFF) << 8) | (value >> 8)
 
 
 def build_request(family: int, states: Iterable[int], seq: int) -> bytes:
@@ -93,7 +92,59 @@ def build_request(family: int, states: Iterable[int], seq: int) -> bytes:
     return header + payload
 
 
-def decode(buf: bytes | bytearray | memoryview, stats: DumpStats) -> Iterator[Sock]:
+# The fast path: one unpack per socket, straight into Sock field order. Valid when the
+# INET_DIAG_INFO attribute sits at the offset the previous message had it (the kernel emits
+# the same attributes in the same order for every socket of a dump); checked per message.
+_BODY_HEAD = "=BBBBHH16s16s12xIIIII"  # inet_diag_msg without idiag_if and idiag_cookie
+# rtattr header read as has_info: the low byte of rta_type (INET_DIAG_INFO = 2) is non-zero.
+_RTA_AS_FLAG = "2x?x" if sys.byteorder == "little" else "3x?"
+# tcp_info: retransmits, probes, backoff, rto, unacked, last_data_sent, last_data_recv,
+# last_ack_recv, rtt, total_retrans (offsets 2, 3, 4, 8, 24, 44, 52, 56, 68, 100).
+_BODY_INFO = "2xBBB3xI12xI16xI4xII8xI28xI"
+_fast_cache: dict[int, Callable[[Buffer, int], tuple[Any, ...]]] = {}
+
+
+def _fast_unpacker(info_at: int) -> Callable[[Buffer, int], tuple[Any, ...]]:
+    """unpack_from for a message whose INFO attribute starts ``info_at`` bytes in."""
+    fn = _fast_cache.get(info_at)
+    if fn is None:
+        pad = info_at - _MSG_HDR_LEN
+        fn = struct.Struct(f"{_BODY_HEAD}{pad}x{_RTA_AS_FLAG}{_BODY_INFO}").unpack_from
+        _fast_cache[info_at] = fn
+    return fn
+
+
+def _find_info(buf: Buffer, off: int, msg_end: int, stats: DumpStats) -> tuple[int, int]:
+    """(offset of the INET_DIAG_INFO attribute from the message start, its length), or (0, 0)."""
+    a = off + _MSG_HDR_LEN
+    while a + 4 <= msg_end:
+        alen, atype = RTATTR.unpack_from(buf, a)
+        if alen < 4 or a + alen > msg_end:
+            stats.skipped += 1
+            return 0, 0
+        if atype == INET_DIAG_INFO:
+            return a - off, alen
+        a += (alen + 3) & ~3
+    return 0, 0
+
+
+def _slow_sock(buf: Buffer, off: int, info_at: int, info_len: int) -> Sock:
+    """A socket without tcp_info, or with a short one from an older kernel (zero-padded)."""
+    (family, state, timer, retrans, sport, dport, src, dst, _if, _cookie,
+     expires, rqueue, wqueue, uid, inode) = DIAG_MSG.unpack_from(buf, off + 16)  # fmt: skip
+    if info_at:
+        raw = bytes(buf[off + info_at + 4 : off + info_at + info_len])
+        i = TCP_INFO.unpack((raw + _ZERO_INFO)[:_TI_LEN])
+        tail: tuple[Any, ...] = (
+            True, i[2], i[3], i[4], i[8], i[12], i[17], i[19], i[20], i[23], i[31],
+        )  # fmt: skip
+    else:
+        tail = (False, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    return Sock(family, state, timer, retrans, sport, dport, src, dst, expires, rqueue, wqueue,
+                uid, inode, *tail)  # fmt: skip
+
+
+def decode(buf: Buffer, stats: DumpStats) -> Iterator[Sock]:
     """Sockets in one netlink datagram. Pure: bytes in, records out, surprises counted.
 
     Raises KernelError for an NLMSG_ERROR from the kernel (the dump cannot go on).
@@ -101,9 +152,10 @@ def decode(buf: bytes | bytearray | memoryview, stats: DumpStats) -> Iterator[So
     end = len(buf)
     off = 0
     hdr_unpack = NLMSGHDR.unpack_from
-    msg_unpack = DIAG_MSG.unpack_from
-    attr_unpack = RTATTR.unpack_from
-    info_unpack = TCP_INFO.unpack_from
+    new = tuple.__new__
+    info_at = 0  # where INFO was in the previous message
+    fast = None
+    need = 0  # message length the fast path needs
     while off + 16 <= end:
         length, mtype, flags, _seq, _pid = hdr_unpack(buf, off)
         if length < 16 or off + length > end:
@@ -112,50 +164,30 @@ def decode(buf: bytes | bytearray | memoryview, stats: DumpStats) -> Iterator[So
         stats.messages += 1
         if flags & NLM_F_DUMP_INTR:
             stats.interrupted = True
-        if mtype != SOCK_DIAG_BY_FAMILY:
-            if mtype == NLMSG_DONE:
-                stats.done += 1
-            elif mtype == NLMSG_ERROR:
-                code = -NLMSGERR.unpack_from(buf, off + 16)[0] if length >= 20 else errno.EIO
-                if code:
-                    raise KernelError(f"sock_diag dump failed: {os.strerror(code)} (errno {code})")
-            elif mtype != NLMSG_NOOP:
-                stats.skipped += 1
-            off += (length + 3) & ~3
-            continue
-        if length < _MSG_HDR_LEN:
-            stats.skipped += 1
-            off += (length + 3) & ~3
-            continue
-        (family, state, timer, retrans, sport, dport, src, dst, _if, _cookie,
-         expires, rqueue, wqueue, uid, inode) = msg_unpack(buf, off + 16)  # fmt: skip
-        info = None
-        a = off + _MSG_HDR_LEN
-        msg_end = off + length
-        while a + 4 <= msg_end:
-            alen, atype = attr_unpack(buf, a)
-            if alen < 4 or a + alen > msg_end:
-                stats.skipped += 1
-                break
-            if atype == INET_DIAG_INFO:
-                if alen - 4 >= _TI_LEN:
-                    info = info_unpack(buf, a + 4)
-                else:  # older kernel, shorter struct: zero-pad as ss does
-                    info = TCP_INFO.unpack(bytes(buf[a + 4 : a + alen]) + _ZERO_INFO[alen - 4 :])
-                break
-            a += (alen + 3) & ~3
-        if family != socket.AF_INET6:
-            src = src[:4]
-            dst = dst[:4]
-        if info is None:
-            yield Sock(family, state, timer, retrans, _swap16(sport), _swap16(dport), src, dst,
-                       expires, rqueue, wqueue, uid, inode, False,
-                       0, 0, 0, 0, 0, 0, 0, 0, 0, 0)  # fmt: skip
-        else:
-            yield Sock(family, state, timer, retrans, _swap16(sport), _swap16(dport), src, dst,
-                       expires, rqueue, wqueue, uid, inode, True,
-                       info[2], info[3], info[4], info[8], info[12], info[17], info[19],
-                       info[20], info[23], info[31])  # fmt: skip
+        if mtype == SOCK_DIAG_BY_FAMILY and length >= _MSG_HDR_LEN:
+            if (
+                fast is not None
+                and length >= need
+                and buf[off + info_at + 2] == INET_DIAG_INFO
+                and buf[off + info_at + 3] == 0
+                and buf[off + info_at] + (buf[off + info_at + 1] << 8) >= 4 + _TI_LEN
+            ):
+                yield new(Sock, fast(buf, off + 16))
+            else:
+                at, alen = _find_info(buf, off, off + length, stats)
+                if at and alen >= 4 + _TI_LEN:
+                    info_at, fast, need = at, _fast_unpacker(at), at + 4 + _TI_LEN
+                    yield new(Sock, fast(buf, off + 16))
+                else:
+                    yield _slow_sock(buf, off, at, alen)
+        elif mtype == NLMSG_DONE:
+            stats.done += 1
+        elif mtype == NLMSG_ERROR:
+            code = -NLMSGERR.unpack_from(buf, off + 16)[0] if length >= 20 else errno.EIO
+            if code:
+                raise KernelError(f"sock_diag dump failed: {os.strerror(code)} (errno {code})")
+        elif mtype == SOCK_DIAG_BY_FAMILY or mtype != NLMSG_NOOP:
+            stats.skipped += 1  # a diag message too short, or a type we never asked for
         off += (length + 3) & ~3
 
 
