@@ -1,0 +1,451 @@
+"""Benchmark: the full audit cycle against ``ss -tinoe`` and the raw netlink dump.
+
+    python3 bench/bench.py --sockets 200000 [--rounds 5] [--scrapers 20] [--daemon-cpu 65]
+
+Opens ``--sockets`` ESTABLISHED loopback sockets (``--sockets / 2`` connections, both ends
+count, spread over 127.x addresses and several holder processes to pass the per-address
+ephemeral port range and the open-files limit). Half of the client ends set SO_KEEPALIVE
+with TCP_KEEPIDLE 60 s (healthy), and ``--flagged`` of the connections use keepalive on the
+7200 s default, which the audit reports as ``keepalive_too_slow`` and attributes to their
+process. Then, alternating in each round:
+
+- floor: the raw sock_diag dump, received and not decoded;
+- audit: one full cycle in a fresh process (dump, decode, inference, rules, attribution,
+  metrics rendering), with its CPU time and peak RSS;
+- ss: ``ss -tinoe state established`` printing every socket (to /dev/null);
+- cli: ``python -m auditd audit --format json`` and ``ss`` as whole processes.
+
+Prints medians and the ratios the targets are written in. Traffic stays on 127.0.0.0/8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PER_ADDRESS = 10_000  # connections per 127.x server address (ephemeral range is ~28k)
+
+
+# --------------------------------------------------------------------------------------
+# Holders: child processes that own the sockets.
+# --------------------------------------------------------------------------------------
+def holder_main(connections: int, first_address: int, flagged_every: int) -> None:
+    """Child: open ``connections`` loopback connections, print "ready N", then sleep."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    keep: list[socket.socket] = []
+    made = 0
+    addr_index = first_address
+    while made < connections:
+        a = addr_index
+        addr_index += 1
+        host = f"127.{1 + a // 62500}.{a // 250 % 250}.{a % 250 + 1}"
+        srv = socket.socket()
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind((host, 5000))
+        srv.listen(4096)
+        keep.append(srv)
+        for _ in range(min(PER_ADDRESS, connections - made)):
+            client = socket.socket()
+            if made % 2 == 0:
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                if not (flagged_every and made % flagged_every == 0):
+                    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
+            client.connect((host, 5000))
+            server_end, _ = srv.accept()
+            keep += [client, server_end]
+            made += 1
+    print(f"ready {made}", flush=True)
+    try:
+        sys.stdin.read()  # until the parent closes our stdin
+    finally:
+        for s in keep:
+            s.close()
+
+
+class Holders:
+    """Starts enough holder processes for ``sockets`` sockets; always cleaned up."""
+
+    def __init__(self, sockets: int, flagged: float) -> None:
+        self.sockets = sockets
+        self.flagged_every = int(1 / flagged) if flagged > 0 else 0
+        self.procs: list[subprocess.Popen[str]] = []
+        self.connections = 0
+
+    def __enter__(self) -> Holders:
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        per_proc = max((hard - 200) // 2 // PER_ADDRESS * PER_ADDRESS, 1000)
+        per_proc = min(per_proc, (hard - 200) // 2)
+        want = self.sockets // 2
+        first = 0
+        try:
+            while want > 0:
+                n = min(per_proc, want)
+                cmd = [sys.executable, __file__, "--child", "holder", str(n), str(first),
+                       str(self.flagged_every)]  # fmt: skip
+                proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True)  # fmt: skip
+                self.procs.append(proc)
+                first += (n + PER_ADDRESS - 1) // PER_ADDRESS
+                want -= n
+            for proc in self.procs:
+                assert proc.stdout is not None
+                line = proc.stdout.readline().split()
+                if len(line) != 2 or line[0] != "ready":
+                    raise RuntimeError(f"holder {proc.pid} failed to open its connections")
+                self.connections += int(line[1])
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            try:
+                if proc.stdin:
+                    proc.stdin.close()
+            except OSError:
+                pass
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+
+# --------------------------------------------------------------------------------------
+# Measured children: each measurement in a fresh process, for an honest peak RSS.
+# --------------------------------------------------------------------------------------
+def child_floor() -> dict[str, Any]:
+    from auditd.kernel import sockdiag
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    sock = sockdiag.netlink_socket()
+    buf = memoryview(bytearray(sockdiag.RECV_BUFFER))
+    total = 0
+    for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), start=1):
+        sock.send(sockdiag.build_request(family, sockdiag.DEFAULT_STATES, seq))
+        while True:
+            n = sock.recv_into(buf)
+            total += n
+            if _has_done(buf[:n]):
+                break
+    sock.close()
+    return {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0, "bytes": total}
+
+
+def _has_done(chunk: memoryview) -> bool:
+    # NLMSG_DONE may share the last datagram; scanning headers is part of any receive loop.
+    off, end = 0, len(chunk)
+    while off + 16 <= end:
+        length = int.from_bytes(chunk[off : off + 4], sys.byteorder)
+        mtype = int.from_bytes(chunk[off + 4 : off + 6], sys.byteorder)
+        if mtype in (2, 3) or length < 16:
+            return True
+        off += (length + 3) & ~3
+    return False
+
+
+class _TimedKernel:
+    """LocalKernel with the time spent in attribution recorded."""
+
+    def __init__(self) -> None:
+        from auditd.kernel import LocalKernel
+
+        self.inner = LocalKernel()
+        self.owners_seconds = 0.0
+        self.owners_wanted = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def owners(self, inodes: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return self.inner.owners(inodes)
+        finally:
+            self.owners_seconds += time.perf_counter() - t0
+            self.owners_wanted += len(inodes)
+
+
+def child_audit() -> dict[str, Any]:
+    from prometheus_client import generate_latest
+
+    from auditd.audit.run import audit
+    from auditd.config import builtin_rules
+    from auditd.exporter import ExporterState, make_registry
+
+    rules = builtin_rules()
+    kernel = _TimedKernel()
+    t0, c0 = time.perf_counter(), time.process_time()
+    result = audit(rules, [("host", kernel)])  # type: ignore[list-item]
+    state = ExporterState(result=result, rules=rules, last_success=time.time())
+    body = generate_latest(make_registry(lambda: state))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    ns = result.namespaces[0]
+    return {
+        "wall": wall,
+        "cpu": cpu,
+        "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "sockets": ns.sockets,
+        "established": sum(n for (st, _), n in ns.connections.items() if st == "established"),
+        "keepalive_on": sum(n for (_, ka), n in ns.connections.items() if ka == "on"),
+        "findings": len(result.findings),
+        "too_slow": sum(1 for f in result.findings if f.kind == "keepalive_too_slow"),
+        "attributed": sum(1 for f in result.findings if f.pid is not None),
+        "attribution_seconds": kernel.owners_seconds,
+        "attribution_wanted": kernel.owners_wanted,
+        "metrics_bytes": len(body),
+    }
+
+
+def run_child(kind: str) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, __file__, "--child", kind], capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    return dict(json.loads(proc.stdout))
+
+
+def run_process(cmd: Sequence[str]) -> dict[str, Any]:
+    """Wall, CPU and peak RSS of a whole process, its output thrown away."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if proc.returncode not in (0, 1):  # the audit exits 1 when it has critical findings
+        raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}): {err.strip()}")
+    return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime,
+            "maxrss_mb": usage.ru_maxrss / 1024}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# The daemon: CPU at an interval, and /metrics latency under concurrent scrapers.
+# --------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Daemon:
+    def __init__(self, interval: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/metrics"
+        listen = f"127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "auditd", "run", "--web.listen-address", listen,
+               "--audit.interval", interval, "--log.level", "error"]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.DEVNULL)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as r:
+                    if b"keepalive_audit_last_success_timestamp_seconds " in r.read():
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("the daemon did not finish its first audit")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def scrape_latency(url: str, scrapers: int, seconds: float) -> dict[str, Any]:
+    latencies: list[float] = []
+    errors = 0
+    lock = threading.Lock()
+    stop_at = time.monotonic() + seconds
+
+    def worker() -> None:
+        nonlocal errors
+        while time.monotonic() < stop_at:
+            t0 = time.perf_counter()
+            try:
+                with urllib.request.urlopen(url, timeout=10) as r:
+                    r.read()
+            except OSError:
+                with lock:
+                    errors += 1
+                continue
+            with lock:
+                latencies.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=worker) for _ in range(scrapers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    latencies.sort()
+    if not latencies:
+        return {"scrapes": 0, "errors": errors}
+    return {
+        "scrapes": len(latencies),
+        "errors": errors,
+        "p50_ms": latencies[len(latencies) // 2] * 1000,
+        "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
+    }
+
+
+# --------------------------------------------------------------------------------------
+def _median(rows: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sockets", type=int, default=20_000, help="ESTABLISHED sockets (20000)")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
+    p.add_argument(
+        "--flagged",
+        type=float,
+        default=0.01,
+        help="fraction of connections on the 7200 s keepalive default (default 0.01)",
+    )
+    p.add_argument("--scrapers", type=int, default=0, help="concurrent /metrics scrapers (0: skip)")
+    p.add_argument("--scrape-seconds", type=float, default=5.0)
+    p.add_argument(
+        "--daemon-cpu",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="measure the daemon's CPU over this window at a 30s interval (0: skip)",
+    )
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)  # fmt: skip
+
+    if args.child:
+        kind = args.child[0]
+        if kind == "holder":
+            holder_main(int(args.child[1]), int(args.child[2]), int(args.child[3]))
+            return 0
+        out = child_floor() if kind == "floor" else child_audit()
+        print(json.dumps(out))
+        return 0
+    if args.sockets < 2 or args.rounds < 1:
+        p.error("--sockets must be >= 2 and --rounds >= 1")
+
+    report: dict[str, Any] = {"sockets_requested": args.sockets}
+    t0 = time.perf_counter()
+    with Holders(args.sockets, args.flagged) as holders:
+        report["connections_opened"] = holders.connections
+        report["setup_seconds"] = round(time.perf_counter() - t0, 1)
+        floor, audits, ss, cli = [], [], [], []
+        ss_cmd = ["ss", "-tinoe", "state", "established"]
+        cli_cmd = [sys.executable, "-m", "auditd", "audit", "--format", "json"]
+        for _ in range(args.rounds):
+            floor.append(run_child("floor"))
+            audits.append(run_child("audit"))
+            ss.append(run_process(ss_cmd))
+            cli.append(run_process(cli_cmd))
+        last = audits[-1]
+        report.update({
+            "sockets_seen": last["sockets"],
+            "established_seen": last["established"],
+            "keepalive_on_seen": last["keepalive_on"],
+            "findings": last["findings"],
+            "too_slow_findings": last["too_slow"],
+            "attributed_findings": last["attributed"],
+            "floor_wall_s": _median(floor, "wall"),
+            "audit_wall_s": _median(audits, "wall"),
+            "audit_cpu_s": _median(audits, "cpu"),
+            "audit_peak_rss_mb": max(a["maxrss_mb"] for a in audits),
+            "attribution_s": _median(audits, "attribution_seconds"),
+            "ss_wall_s": _median(ss, "wall"),
+            "ss_cpu_s": _median(ss, "cpu"),
+            "cli_process_wall_s": _median(cli, "wall"),
+            "cli_process_cpu_s": _median(cli, "cpu"),
+            "cli_process_peak_rss_mb": max(c["maxrss_mb"] for c in cli),
+            "metrics_bytes": last["metrics_bytes"],
+        })  # fmt: skip
+        report["audit_vs_ss"] = report["audit_wall_s"] / report["ss_wall_s"]
+        report["audit_vs_floor"] = report["audit_wall_s"] / report["floor_wall_s"]
+        report["cli_vs_ss_process"] = report["cli_process_wall_s"] / report["ss_wall_s"]
+
+        if args.scrapers:
+            d = Daemon("30s")
+            try:
+                d.wait_ready()
+                report["scrape"] = scrape_latency(d.url, args.scrapers, args.scrape_seconds)
+            finally:
+                d.stop()
+        if args.daemon_cpu:
+            d = Daemon("30s")
+            try:
+                d.wait_ready()
+                c0, w0 = _cpu_seconds(d.proc.pid), time.monotonic()
+                time.sleep(args.daemon_cpu)
+                used = _cpu_seconds(d.proc.pid) - c0
+                report["daemon_cpu_percent"] = 100 * used / (time.monotonic() - w0)
+            finally:
+                d.stop()
+
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+    return 0
+
+
+def print_report(r: dict[str, Any]) -> None:
+    print(f"sockets: {r['sockets_seen']} seen ({r['established_seen']} established, "
+          f"{r['keepalive_on_seen']} keepalive on), {r['connections_opened']} connections "
+          f"opened in {r['setup_seconds']} s")  # fmt: skip
+    print(f"findings: {r['findings']} ({r['too_slow_findings']} keepalive_too_slow, "
+          f"{r['attributed_findings']} attributed)")  # fmt: skip
+    print(f"{'':28}{'wall s':>9}{'cpu s':>9}{'peak MB':>9}")
+    print(f"{'raw dump (floor)':28}{r['floor_wall_s']:9.3f}")
+    print(f"{'audit cycle':28}{r['audit_wall_s']:9.3f}{r['audit_cpu_s']:9.3f}"
+          f"{r['audit_peak_rss_mb']:9.1f}")  # fmt: skip
+    print(f"{'  of which attribution':28}{r['attribution_s']:9.3f}")
+    print(f"{'ss -tinoe (process)':28}{r['ss_wall_s']:9.3f}{r['ss_cpu_s']:9.3f}")
+    print(f"{'audit --format json (proc)':28}{r['cli_process_wall_s']:9.3f}"
+          f"{r['cli_process_cpu_s']:9.3f}{r['cli_process_peak_rss_mb']:9.1f}")  # fmt: skip
+    print(f"audit/ss {r['audit_vs_ss']:.2f} (target <= 1.0), audit/floor "
+          f"{r['audit_vs_floor']:.2f} (target <= 3.0), cli/ss {r['cli_vs_ss_process']:.2f} "
+          f"(target < 1.0)")  # fmt: skip
+    if "scrape" in r:
+        s = r["scrape"]
+        print(f"/metrics: {s['scrapes']} scrapes, {s['errors']} errors, "
+              f"p50 {s.get('p50_ms', 0):.1f} ms, "
+              f"p99 {s.get('p99_ms', 0):.1f} ms (target < 20)")  # fmt: skip
+    if "daemon_cpu_percent" in r:
+        cpu = r["daemon_cpu_percent"]
+        print(f"daemon CPU at a 30 s interval: {cpu:.2f} % of a core (target < 1)")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
+    sys.exit(main())
