@@ -56,7 +56,8 @@ def _finding_fields(f: Finding) -> dict[str, object]:
     for name in ("state", "local", "remote", "pid", "process", "sysctl", "value"):
         value = getattr(f, name)
         if value is not None:
-            fields[name] = value
+            # LogRecord has its own "process" (our pid): extra={"process": ...} raises KeyError.
+            fields["process_name" if name == "process" else name] = value
     return fields
 
 
@@ -149,10 +150,13 @@ class Daemon:
         if self._last_error is not None:
             self.log.info("audit recovered", extra={"after": self._last_error})
             self._last_error = None
-        self._log_changes(result)
         self._update(result=result, last_success=started)
         self.audits += 1
-        self.notifier.status(summary(result))
+        try:
+            self._log_changes(result)
+            self.notifier.status(summary(result))
+        except Exception as exc:  # reporting must not stop the audits either
+            self._fail("internal", f"{type(exc).__name__}: {exc}")
         return result
 
     def _fail(self, stage: str, message: str) -> None:
@@ -175,7 +179,10 @@ class Daemon:
 
     def _audit_loop(self) -> None:
         while not self.stop_event.is_set():
-            self.audit_once()
+            try:
+                self.audit_once()
+            except Exception as exc:  # last line of defence: the loop itself must survive
+                self._fail("internal", f"{type(exc).__name__}: {exc}")
             self.last_cycle = time.monotonic()
             result = self.state.result
             if not self._ready_sent and result is not None:
