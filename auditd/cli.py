@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from auditd import __version__
 from auditd.audit.run import HOST_NETNS, AuditResult, audit
@@ -21,7 +21,7 @@ from auditd.config import (
     parse_duration,
 )
 from auditd.errors import AuditdError
-from auditd.kernel import LocalKernel
+from auditd.kernel import KernelSource, LocalKernel
 from auditd.model import Severity
 
 EXIT_OK = 0
@@ -100,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The namespaces to audit, as (name, source) pairs: a parameter of main() so tests can hand
+# in fakes (like the daemon's ``sources``).
+Sources = Callable[[], list[tuple[str, KernelSource]]]
+
+
+def local_sources() -> list[tuple[str, KernelSource]]:
+    return [(HOST_NETNS, LocalKernel())]
+
+
 def _load(path: str | None) -> RuleSet:
     return load_rules_or_default(path)
 
@@ -115,7 +124,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from auditd import report
 
     rules = _load(args.config)
-    result = audit(rules, [(HOST_NETNS, LocalKernel())])
+    result = audit(rules, args.sources())
     out = report.to_json(result) + "\n" if args.format == "json" else report.to_table(result)
     sys.stdout.write(out)
     return _exit_code(result, args.fail_on)
@@ -126,7 +135,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from auditd.audit.run import audit_namespace
 
     rules = _load(args.config)
-    ns, _ = audit_namespace(rules, LocalKernel(), HOST_NETNS)
+    name, source = args.sources()[0]
+    ns, _ = audit_namespace(rules, source, name)
     sys.stdout.write(report.explain(rules, ns))
     return EXIT_OK
 
@@ -158,7 +168,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(f"--web.listen-address: {exc}") from None
     log = logs.setup(args.log_level, args.log_format)
     options = DaemonOptions(args.config_file, interval, args.listen, args.telemetry_path)
-    daemon = Daemon(options, lambda: [(HOST_NETNS, LocalKernel())], log)
+    daemon = Daemon(options, args.sources, log)
     daemon.load_initial_config()
     daemon.install_signals()
     daemon.serve()
@@ -173,9 +183,10 @@ COMMANDS = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, sources: Sources = local_sources) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.sources = sources
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE

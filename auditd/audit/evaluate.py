@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import math
 
 from auditd.audit import hints
 from auditd.audit.inference import (
@@ -40,10 +41,15 @@ DEFAULT_RULE = "default"
 def loosest(rules: RuleSet) -> Thresholds:
     """The thresholds that flag the most: a socket not flagged by these is flagged by no rule."""
     every = [rules.defaults, *(r.thresholds for r in rules.rules if not r.ignore)]
+    idle_timeout = min(t.idle_timeout for t in every)
+    warn_after = min(t.warn_at * t.idle_timeout for t in every)
+    warn_at = warn_after / max(idle_timeout, 1e-9)
+    # could_flag multiplies back: rounding must not put the loosest warning after a rule's.
+    while warn_at * idle_timeout > warn_after:
+        warn_at = math.nextafter(warn_at, 0.0)
     return Thresholds(
-        idle_timeout=min(t.idle_timeout for t in every),
-        warn_at=min(t.warn_at * t.idle_timeout for t in every)
-        / max(min(t.idle_timeout for t in every), 1e-9),
+        idle_timeout=idle_timeout,
+        warn_at=warn_at,
         detection_budget=min(t.detection_budget for t in every),
         close_wait_after=min(t.close_wait_after for t in every),
         retransmit_threshold=min(t.retransmit_threshold for t in every),
@@ -55,15 +61,17 @@ def could_flag(sock: Sock, t: Thresholds) -> bool:
     state = sock.state
     if state not in KEEPALIVE_STATES:
         return False
-    if state == TcpState.CLOSE_WAIT and recv_idle_ms(sock) >= t.close_wait_after * 1000:
+    # Each comparison is written as in socket_findings (ms / 1000 against seconds): the
+    # same float rounding, so a socket exactly at a threshold is kept.
+    if state == TcpState.CLOSE_WAIT and recv_idle_ms(sock) / 1000 >= t.close_wait_after:
         return True
     timer = sock.timer
     if timer == TimerKind.RETRANSMIT or timer == TimerKind.ZERO_WINDOW_PROBE:
         return sock.retrans >= t.retransmit_threshold
     if timer == TimerKind.KEEPALIVE:
-        return sock.retrans > 0 or recv_idle_ms(sock) + sock.expires_ms > t.idle_timeout * 1000
+        return sock.retrans > 0 or (recv_idle_ms(sock) + sock.expires_ms) / 1000 > t.idle_timeout
     if timer == TimerKind.NONE and state == TcpState.ESTABLISHED:
-        return path_idle_ms(sock) >= t.warn_at * t.idle_timeout * 1000
+        return path_idle_ms(sock) / 1000 >= t.warn_at * t.idle_timeout
     return False
 
 
@@ -194,7 +202,8 @@ def socket_findings(
             whose = (
                 f" (the namespace default tcp_keepalive_time={sysctls.keepalive_time})"
                 if params.source == "sysctl"
-                else " (the socket sets its own TCP_KEEPIDLE)"
+                else " (longer than the namespace default: the socket sets its own "
+                "TCP_KEEPIDLE, or enabled keepalive after its last segment)"
             )
             out.append(make(
                 FindingKind.KEEPALIVE_TOO_SLOW,

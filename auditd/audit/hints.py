@@ -54,9 +54,10 @@ def suggest_keepidle(idle_timeout: float) -> int:
 
 def suggest_keepalive(t: Thresholds) -> tuple[int, int, int]:
     """(idle, interval, count) that beats the idle timeout and fits the detection budget."""
-    idle = suggest_keepidle(t.idle_timeout)
+    # The first probe must beat the idle timeout and leave half the budget for the probes.
+    idle = min(suggest_keepidle(t.idle_timeout), max(int(t.detection_budget / 2), 1))
     cnt = 3 if t.detection_budget - idle < 60 else 5
-    intvl = int(max(min((t.detection_budget - idle) / cnt, 75), 1))
+    intvl = int(max(min((t.detection_budget - idle) // cnt, 75), 1))
     return idle, intvl, cnt
 
 

@@ -37,7 +37,7 @@ def read_sysctls(proc_root: str = "/proc", names: Iterable[str] = SYSCTL_NAMES) 
     values: dict[str, int] = {}
     for name in names:
         try:
-            with open(sysctl_path(proc_root, name), encoding="ascii") as f:
+            with open(sysctl_path(proc_root, name), encoding="ascii", errors="replace") as f:
                 text = f.read()
         except OSError:
             continue

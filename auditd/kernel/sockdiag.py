@@ -153,9 +153,12 @@ def decode(buf: Buffer, stats: DumpStats) -> Iterator[Sock]:
     off = 0
     hdr_unpack = NLMSGHDR.unpack_from
     new = tuple.__new__
-    info_at = 0  # where INFO was in the previous message
-    fast = None
-    need = 0  # message length the fast path needs
+    # The fast path applies to a message of the same length as the one that set it up, with
+    # an INFO header where that one had it (an extra attribute, such as the 4-byte
+    # INET_DIAG_PAD some architectures insert, changes the length).
+    info_at = 0
+    fast = _fast_unpacker(_MSG_HDR_LEN)
+    fast_len = -1
     while off + 16 <= end:
         length, mtype, flags, _seq, _pid = hdr_unpack(buf, off)
         if length < 16 or off + length > end:
@@ -166,8 +169,7 @@ def decode(buf: Buffer, stats: DumpStats) -> Iterator[Sock]:
             stats.interrupted = True
         if mtype == SOCK_DIAG_BY_FAMILY and length >= _MSG_HDR_LEN:
             if (
-                fast is not None
-                and length >= need
+                length == fast_len
                 and buf[off + info_at + 2] == INET_DIAG_INFO
                 and buf[off + info_at + 3] == 0
                 and buf[off + info_at] + (buf[off + info_at + 1] << 8) >= 4 + _TI_LEN
@@ -176,7 +178,7 @@ def decode(buf: Buffer, stats: DumpStats) -> Iterator[Sock]:
             else:
                 at, alen = _find_info(buf, off, off + length, stats)
                 if at and alen >= 4 + _TI_LEN:
-                    info_at, fast, need = at, _fast_unpacker(at), at + 4 + _TI_LEN
+                    info_at, fast, fast_len = at, _fast_unpacker(at), length
                     yield new(Sock, fast(buf, off + 16))
                 else:
                     yield _slow_sock(buf, off, at, alen)

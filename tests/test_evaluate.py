@@ -1,0 +1,570 @@
+"""evaluate: every finding kind from hand-built sockets, rule selection, the could_flag filter."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import pytest
+from helpers import make_sock, rule, ruleset, sysctls
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from auditd.audit.evaluate import (
+    budget_findings,
+    could_flag,
+    detection_times,
+    loosest,
+    matches,
+    select_rule,
+    socket_findings,
+    sysctl_findings,
+)
+from auditd.audit.inference import retransmit_abort_in, zero_window_abort_in
+from auditd.config import Match, RuleSet, SysctlBound, Thresholds
+from auditd.model import (
+    Finding,
+    FindingKind,
+    Keepalive,
+    ProcessInfo,
+    Severity,
+    Sock,
+    Sysctls,
+    TcpState,
+)
+
+NS = "host"
+DEFAULTS = ruleset()  # idle_timeout 350, warn_at 0.5, budget 900, close_wait 60, retransmit 3
+PG = ProcessInfo(pid=4321, name="postgres", cmdline="postgres: main")
+
+
+def findings(sock: Sock, rules: RuleSet = DEFAULTS, process: ProcessInfo | None = None,
+             s: Sysctls | None = None) -> list[Finding]:  # fmt: skip
+    return socket_findings(rules, sock, process, s or sysctls(), NS)
+
+
+def kinds(found: list[Finding]) -> list[tuple[str, str]]:
+    return [(f.kind, f.severity.label) for f in found]
+
+
+# --- idle_no_keepalive ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("idle_s", "expected"),
+    [
+        (0, []),
+        (174.999, []),  # warn_at 0.5 * idle_timeout 350 = 175 s
+        (175.0, [("idle_no_keepalive", "warning")]),
+        (349.999, [("idle_no_keepalive", "warning")]),
+        (350.0, [("idle_no_keepalive", "critical")]),  # at the idle timeout
+        (86400.0, [("idle_no_keepalive", "critical")]),
+    ],
+)
+def test_idle_no_keepalive_boundaries(idle_s: float, expected: list[tuple[str, str]]) -> None:
+    assert kinds(findings(make_sock(idle_s=idle_s))) == expected
+
+
+def test_idle_no_keepalive_uses_the_path_idle() -> None:
+    # Received nothing for an hour, but sent data 100 s ago: the path is not idle enough.
+    sock = make_sock(last_data_recv_ms=3_600_000, last_ack_recv_ms=3_600_000,
+                     last_data_sent_ms=100_000)  # fmt: skip
+    assert findings(sock) == []
+
+
+def test_idle_no_keepalive_finding_fields() -> None:
+    sock = make_sock(idle_s=400, sport=40123, dport=5432, inode=777)
+    (f,) = findings(sock, process=PG)
+    assert f.kind == FindingKind.IDLE_NO_KEEPALIVE and f.rule == "default" and f.netns == NS
+    assert (f.state, f.local, f.remote) == ("established", "10.0.0.1:40123", "10.0.0.2:5432")
+    assert (f.idle_seconds, f.keepalive, f.probes, f.retransmits) == (400.0, "off", 0, 0)
+    assert (f.pid, f.process, f.inode, f.abort_in_seconds) == (4321, "postgres", 777, None)
+    assert "idle for 400 s without keepalive" in f.message
+    assert "tcp_keepalives_idle" in f.hint  # the PostgreSQL knob
+
+
+@pytest.mark.parametrize("state", [TcpState.SYN_SENT, TcpState.FIN_WAIT1, TcpState.FIN_WAIT2,
+                                   TcpState.LAST_ACK, TcpState.CLOSING])  # fmt: skip
+def test_idle_without_keepalive_outside_established_is_not_flagged(state: TcpState) -> None:
+    assert findings(make_sock(state=state, idle_s=10_000)) == []
+
+
+# --- keepalive on -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("recv_idle_ms", "expires_ms", "flagged"),
+    [
+        (10_000, 7_190_000, True),  # bound 7200 s > 350 s: the namespace default is too slow
+        (10_000, 290_000, False),  # bound 300 s < 350 s
+        (50_000, 300_000, False),  # bound exactly 350 s is not later than the idle timeout
+        (50_000, 300_001, True),
+    ],
+)
+def test_keepalive_too_slow(recv_idle_ms: int, expires_ms: int, flagged: bool) -> None:
+    sock = make_sock(timer=2, expires_ms=expires_ms, last_data_recv_ms=recv_idle_ms,
+                     last_ack_recv_ms=recv_idle_ms, last_data_sent_ms=recv_idle_ms)  # fmt: skip
+    found = findings(sock)
+    assert kinds(found) == ([("keepalive_too_slow", "warning")] if flagged else [])
+
+
+def test_keepalive_too_slow_names_the_cause() -> None:
+    on_default = make_sock(timer=2, expires_ms=7_190_000, idle_s=10)
+    (f,) = findings(on_default)
+    assert f.keepalive == Keepalive.ON
+    assert "at least 7200 s" in f.message and "tcp_keepalive_time=7200" in f.message
+    assert "net.ipv4.tcp_keepalive_time=280" in f.hint  # suggest_keepidle(350)
+
+    # Namespace at 300 s, but the timer proves 600 s: the socket sets its own TCP_KEEPIDLE.
+    own = make_sock(timer=2, expires_ms=590_000, idle_s=10)
+    (f,) = findings(own, s=sysctls(tcp_keepalive_time=300))
+    assert "sets its own TCP_KEEPIDLE" in f.message
+
+
+@pytest.mark.parametrize(("probes", "severity"), [(1, "warning"), (2, "critical"), (5, "critical")])
+def test_keepalive_probing(probes: int, severity: str) -> None:
+    # cnt 3, intvl 1 s, 0.5 s to the next fire: abort in 0.5 + (3 - probes)+ * 1 s.
+    s = sysctls(tcp_keepalive_probes=3, tcp_keepalive_intvl=1)
+    sock = make_sock(timer=2, retrans=probes, expires_ms=500, idle_s=7201)
+    (f,) = findings(sock, s=s)
+    assert (f.kind, f.severity.label) == ("keepalive_probing", severity)
+    assert f.probes == probes and f.retransmits == 0
+    assert f.abort_in_seconds == 0.5 + max(3 - probes, 0)
+    assert f"{probes} keepalive probe(s) unanswered" in f.message
+    assert "3 probes every 1 s" in f.message
+
+
+# --- retransmitting and zero-window probes --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("retrans", "expected"),
+    [(2, None), (3, "warning"), (5, "warning"), (6, "critical"), (15, "critical")],
+)
+def test_retransmitting(retrans: int, expected: str | None) -> None:
+    rto_us = min(200_000 << retrans, 120_000_000)
+    sock = make_sock(timer=1, retrans=retrans, backoff=retrans, rto_us=rto_us,
+                     expires_ms=rto_us // 2000, unacked=4, idle_s=5)  # fmt: skip
+    found = findings(sock)
+    if expected is None:
+        assert found == []
+        return
+    (f,) = found
+    assert (f.kind, f.severity.label) == ("retransmitting", expected)
+    assert (f.retransmits, f.probes, f.keepalive) == (retrans, 0, "unknown")
+    assert f.abort_in_seconds == round(retransmit_abort_in(sock, sysctls()), 1)
+    assert f.abort_in_seconds is not None and f.abort_in_seconds > 0
+    assert f"{retrans} unanswered retransmissions with 4 segment(s)" in f.message
+    assert "tcp_retries2=15" in f.message
+
+
+def test_retransmitting_abort_estimate_by_hand() -> None:
+    # tcp_retries2 = 3 (timeout 3.0 s), 2 retransmits, RTO 0.8 s, 0.3 s left: 1.9 s (see
+    # test_inference for the arithmetic).
+    sock = make_sock(timer=1, retrans=2, backoff=2, rto_us=800_000, expires_ms=300)
+    (f,) = findings(sock, rules=ruleset(defaults=Thresholds(retransmit_threshold=2)),
+                    s=sysctls(tcp_retries2=3))  # fmt: skip
+    assert f.abort_in_seconds == 1.9
+    assert "gives up in about 1.9 s (tcp_retries2=3)" in f.message
+
+
+@pytest.mark.parametrize(("probes", "expected"), [(2, None), (3, "warning"), (6, "critical")])
+def test_zero_window_probes(probes: int, expected: str | None) -> None:
+    sock = make_sock(timer=4, retrans=probes, backoff=probes, expires_ms=200 << probes)
+    found = findings(sock)
+    if expected is None:
+        assert found == []
+        return
+    (f,) = found
+    assert (f.kind, f.severity.label) == ("retransmitting", expected)
+    assert (f.probes, f.retransmits) == (probes, 0)
+    assert f.abort_in_seconds == round(zero_window_abort_in(sock, sysctls()), 1)
+    assert "zero-window probes" in f.message
+
+
+def test_retransmitting_outside_keepalive_states_is_not_flagged() -> None:
+    assert findings(make_sock(state=TcpState.FIN_WAIT1, timer=1, retrans=10)) == []
+
+
+# --- CLOSE_WAIT -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("age_ms", "expected"),
+    [(0, []), (59_999, []), (60_000, [("close_wait", "warning")]),
+     (3_600_000, [("close_wait", "warning")])],
+)  # fmt: skip
+def test_close_wait(age_ms: int, expected: list[tuple[str, str]]) -> None:
+    sock = make_sock(state=TcpState.CLOSE_WAIT, last_data_recv_ms=age_ms,
+                     last_ack_recv_ms=age_ms, last_data_sent_ms=age_ms)  # fmt: skip
+    found = findings(sock, process=PG)
+    assert kinds(found) == expected
+    for f in found:
+        assert f.state == "close_wait" and "postgres must close()" in f.hint
+
+
+def test_close_wait_zero_flags_every_close_wait_socket() -> None:
+    rules = ruleset(defaults=Thresholds(close_wait_after=0))
+    assert kinds(findings(make_sock(state=TcpState.CLOSE_WAIT), rules)) == [
+        ("close_wait", "warning")
+    ]
+
+
+def test_close_wait_while_probing_gives_both() -> None:
+    sock = make_sock(state=TcpState.CLOSE_WAIT, timer=2, retrans=1, expires_ms=75_000,
+                     idle_s=8000)  # fmt: skip
+    assert kinds(findings(sock)) == [("keepalive_probing", "warning"), ("close_wait", "warning")]
+
+
+# --- sysctls ----------------------------------------------------------------------------------
+
+KA_TIME = "net.ipv4.tcp_keepalive_time"
+RETRIES2 = "net.ipv4.tcp_retries2"
+
+
+@pytest.mark.parametrize(
+    ("bound", "value", "expected"),
+    [
+        (SysctlBound(RETRIES2, min=8), 5, ">= 8"),
+        (SysctlBound(KA_TIME, max=300), 7200, "<= 300"),
+        (SysctlBound(KA_TIME, min=60, max=300), 7200, "60..300"),
+        (SysctlBound(KA_TIME, min=60, max=300), 30, "60..300"),
+        (SysctlBound(RETRIES2, min=8, max=8, severity=Severity.INFO), 15, "8"),
+        (SysctlBound(RETRIES2, min=8, max=8), 8, None),  # in bounds
+        (SysctlBound(KA_TIME, max=300), 300, None),
+        (SysctlBound(KA_TIME, min=300), 300, None),
+    ],
+)
+def test_sysctl_findings(bound: SysctlBound, value: int, expected: str | None) -> None:
+    s = Sysctls({bound.name: value})
+    found = sysctl_findings(ruleset(sysctls=[bound]), s, NS)
+    if expected is None:
+        assert found == []
+        return
+    (f,) = found
+    assert (f.kind, f.severity, f.rule, f.netns) == ("sysctl", bound.severity, "default", NS)
+    assert (f.sysctl, f.value, f.expected) == (bound.name, value, expected)
+    assert f.message == f"{bound.name} is {value}, the rules expect {expected}"
+    target = bound.min if bound.min is not None and value < bound.min else bound.max
+    assert f.hint.startswith(f"sysctl -w {bound.name}={target} ")
+    assert f.local is None and f.inode is None
+
+
+def test_sysctl_missing_in_the_namespace_is_not_flagged() -> None:
+    bound = SysctlBound("net.netfilter.nf_conntrack_tcp_timeout_established", max=3600)
+    assert sysctl_findings(ruleset(sysctls=[bound]), Sysctls({}), NS) == []
+
+
+# --- detection budget -------------------------------------------------------------------------
+
+
+def test_detection_times() -> None:
+    assert detection_times(sysctls()) == pytest.approx((7875.0, 924.6))
+    tuned = sysctls(tcp_keepalive_time=300, tcp_keepalive_intvl=10, tcp_keepalive_probes=3,
+                    tcp_retries2=8)  # fmt: skip
+    assert detection_times(tuned) == pytest.approx((330.0, 102.2))
+
+
+def test_detection_budget_defaults_over_budget() -> None:
+    found = budget_findings(DEFAULTS, sysctls(), NS)
+    by_case = {f.value: f for f in found}
+    assert set(by_case) == {7875.0, 924.6}
+    idle, in_flight = by_case[7875.0], by_case[924.6]
+    for f in found:
+        assert (f.kind, f.severity, f.rule, f.expected) == (
+            "detection_budget", Severity.WARNING, "default", "<= 900",
+        )  # fmt: skip
+    assert "idle connection with keepalive is noticed after 7875 s" in idle.message
+    assert "tcp_keepalive_time 7200 + tcp_keepalive_probes 9 × tcp_keepalive_intvl 75" in (
+        idle.message
+    )
+    assert "data in flight is noticed after 924.6 s" in in_flight.message
+    assert "net.ipv4.tcp_retries2=14 (804.6 s)" in in_flight.hint
+
+
+@pytest.mark.parametrize(
+    ("values", "cases"),
+    [
+        ({}, {"idle", "in_flight"}),
+        ({"tcp_keepalive_time": 300, "tcp_keepalive_intvl": 10, "tcp_keepalive_probes": 3},
+         {"in_flight"}),
+        ({"tcp_retries2": 8}, {"idle"}),
+        ({"tcp_keepalive_time": 600, "tcp_keepalive_intvl": 60, "tcp_keepalive_probes": 5,
+          "tcp_retries2": 14}, set()),  # 900 s and 804.6 s: at or within the budget
+    ],
+)  # fmt: skip
+def test_detection_budget_cases(values: dict[str, int], cases: set[str]) -> None:
+    found = budget_findings(DEFAULTS, sysctls(**values), NS)
+    got = {"idle" if "idle connection" in f.message else "in_flight" for f in found}
+    assert got == cases
+
+
+def test_rule_with_its_own_budget() -> None:
+    fast = rule("fast", match=Match(remote_ports=frozenset({6379})), detection_budget=60,
+                severity=Severity.CRITICAL)  # fmt: skip
+    rules = ruleset(fast)
+    tuned = sysctls(
+        tcp_keepalive_time=300, tcp_keepalive_intvl=10, tcp_keepalive_probes=3, tcp_retries2=8
+    )  # 330 s idle, 102.2 s in flight: fine for 900, not for 60
+    assert budget_findings(rules, tuned, NS) == []  # the rule matched no socket
+    found = budget_findings(rules, tuned, NS, frozenset({"fast"}))
+    assert [(f.rule, f.severity, f.value, f.expected) for f in found] == [
+        ("fast", Severity.CRITICAL, 330.0, "<= 60"),
+        ("fast", Severity.CRITICAL, 102.2, "<= 60"),
+    ]
+    # A budget below what any tcp_retries2 >= 8 gives: the hint says TCP_USER_TIMEOUT.
+    assert "TCP_USER_TIMEOUT=60000 ms" in found[1].hint
+
+
+def test_budget_of_an_ignored_rule_or_an_inherited_budget_is_not_checked() -> None:
+    ignored = rule("quiet", detection_budget=10, ignore=True)
+    inherited = rule("plain", idle_timeout=100)  # budget from the defaults, not its own
+    tuned = sysctls(tcp_keepalive_time=300, tcp_keepalive_intvl=10, tcp_keepalive_probes=3,
+                    tcp_retries2=8)  # fmt: skip
+    assert budget_findings(ruleset(ignored, inherited), tuned, NS,
+                           frozenset({"quiet", "plain"})) == []  # fmt: skip
+
+
+# --- rule selection ---------------------------------------------------------------------------
+
+
+def nets(*cidrs: str) -> tuple[Any, ...]:
+    return tuple(ipaddress.ip_network(c) for c in cidrs)
+
+
+V4 = make_sock(src="10.1.2.3", dst="192.0.2.10", sport=40000, dport=5432)
+V6 = make_sock(src="2001:db8::1", dst="2001:db8::2", sport=40000, dport=443)
+MAPPED = make_sock(src="::ffff:10.1.2.3", dst="::ffff:192.0.2.10", sport=8080, dport=51000)
+
+
+@pytest.mark.parametrize(
+    ("match", "sock", "process", "expected"),
+    [
+        (Match(), V4, None, True),
+        (Match(remote_ports=frozenset({5432})), V4, None, True),
+        (Match(remote_ports=frozenset({5433})), V4, None, False),
+        (Match(local_ports=frozenset({40000})), V4, None, True),
+        (Match(local_ports=frozenset({5432})), V4, None, False),
+        (Match(remote_cidrs=nets("192.0.2.0/24")), V4, None, True),
+        (Match(remote_cidrs=nets("198.51.100.0/24")), V4, None, False),
+        (Match(local_cidrs=nets("10.0.0.0/8")), V4, None, True),
+        (Match(remote_cidrs=nets("fd00::/8", "192.0.2.10/32")), V4, None, True),
+        (Match(remote_cidrs=nets("2001:db8::/32")), V6, None, True),
+        (Match(remote_cidrs=nets("192.0.2.0/24")), V6, None, False),
+        # An IPv4 peer of a dual-stack socket (::ffff:a.b.c.d) matches IPv4 networks...
+        (Match(remote_cidrs=nets("192.0.2.0/24")), MAPPED, None, True),
+        (Match(local_cidrs=nets("10.0.0.0/8")), MAPPED, None, True),
+        (Match(remote_cidrs=nets("198.51.100.0/24")), MAPPED, None, False),
+        # ...and the IPv6 network that holds it.
+        (Match(remote_cidrs=nets("::ffff:0:0/96")), MAPPED, None, True),
+        (Match(processes=("postgres*",)), V4, PG, True),
+        (Match(processes=("java", "postgres")), V4, PG, True),
+        (Match(processes=("postgre",)), V4, PG, False),
+        (Match(processes=("Postgres",)), V4, PG, False),  # case-sensitive, like comm
+        (Match(processes=("*",)), V4, None, False),  # unknown process: no process rule
+        (Match(states=frozenset({TcpState.ESTABLISHED})), V4, None, True),
+        (Match(states=frozenset({TcpState.CLOSE_WAIT})), V4, None, False),
+        # Every criterion must hold.
+        (Match(remote_ports=frozenset({5432}), processes=("java",)), V4, PG, False),
+        (Match(remote_ports=frozenset({5432}), remote_cidrs=nets("192.0.2.0/24"),
+               processes=("postgres",), states=frozenset({TcpState.ESTABLISHED})), V4, PG, True),
+    ],
+)  # fmt: skip
+def test_matches(match: Match, sock: Sock, process: ProcessInfo | None, expected: bool) -> None:
+    assert matches(match, sock, process) is expected
+
+
+def test_first_matching_rule_wins() -> None:
+    first = rule("db", match=Match(remote_ports=frozenset({5432})), idle_timeout=100)
+    second = rule("all", idle_timeout=1000)
+    rules = ruleset(first, second)
+    assert select_rule(rules, V4, None) is first
+    assert select_rule(rules, V6, None) is second
+    assert select_rule(ruleset(second, first), V4, None) is second
+    assert select_rule(ruleset(first), V6, None) is None
+
+    sock = make_sock(dport=5432, idle_s=120)  # 120 s: over 0.5 * 100, under 0.5 * 1000
+    assert [(f.rule, f.severity.label) for f in findings(sock, rules)] == [("db", "critical")]
+    assert findings(sock, ruleset(second, first)) == []
+
+
+def test_process_rule_applies_only_with_a_known_process() -> None:
+    java = rule("java", match=Match(processes=("java",)), idle_timeout=100)
+    sock = make_sock(idle_s=60)  # over 0.5 * 100, under 0.5 * 350
+    assert [f.rule for f in findings(sock, ruleset(java), ProcessInfo(1, "java"))] == ["java"]
+    assert findings(sock, ruleset(java), None) == []
+    assert findings(sock, ruleset(java), PG) == []
+
+
+def test_ignore_rule_drops_everything() -> None:
+    ssh = rule("ssh", match=Match(local_ports=frozenset({22})), ignore=True)
+    for fields in (
+        {"idle_s": 10_000},
+        {"timer": 1, "retrans": 10},
+        {"state": TcpState.CLOSE_WAIT, "idle_s": 10_000},
+    ):
+        assert findings(make_sock(sport=22, **fields), ruleset(ssh)) == []
+        assert findings(make_sock(sport=2222, **fields), ruleset(ssh)) != []
+
+
+@pytest.mark.parametrize("severity", [Severity.INFO, Severity.WARNING, Severity.CRITICAL])
+def test_rule_severity_overrides_every_finding(severity: Severity) -> None:
+    r = rule("sev", severity=severity)
+    socks = [
+        make_sock(idle_s=175),  # warning by default
+        make_sock(idle_s=1000),  # critical
+        make_sock(timer=1, retrans=10),  # critical
+        make_sock(timer=2, retrans=1, expires_ms=1000),  # warning
+        make_sock(state=TcpState.CLOSE_WAIT, idle_s=100),  # warning
+    ]
+    for sock in socks:
+        found = findings(sock, ruleset(r))
+        assert found and all(f.severity == severity and f.rule == "sev" for f in found)
+
+
+# --- loosest + could_flag: the pre-filter never drops a socket that would be flagged --------
+
+
+def test_loosest_takes_the_minimum_of_each_threshold() -> None:
+    a = rule("a", idle_timeout=100, warn_at=0.9, close_wait_after=500)
+    b = rule("b", idle_timeout=1000, warn_at=0.05, retransmit_threshold=1)
+    c = rule("c", idle_timeout=1, detection_budget=1, ignore=True)  # ignored: not counted
+    t = loosest(ruleset(a, b, c))
+    assert t.idle_timeout == 100
+    assert t.warn_at * t.idle_timeout == pytest.approx(50)  # min(0.9 * 100, 0.05 * 1000)
+    assert (t.close_wait_after, t.retransmit_threshold, t.detection_budget) == (60, 1, 900)
+
+
+@pytest.mark.parametrize(
+    ("sock", "expected"),
+    [
+        (make_sock(idle_s=174.999), False),
+        (make_sock(idle_s=175), True),
+        (make_sock(state=TcpState.SYN_SENT, timer=1, retrans=9), False),
+        (make_sock(timer=1, retrans=3), True),
+        (make_sock(timer=4, retrans=2), False),
+        (make_sock(timer=2, retrans=1), True),
+        (make_sock(timer=2, expires_ms=7_000_000), True),
+        (make_sock(timer=2, expires_ms=300_000), False),
+        (make_sock(state=TcpState.CLOSE_WAIT, idle_s=60), True),
+        (make_sock(state=TcpState.CLOSE_WAIT, idle_s=59), False),
+        (make_sock(timer=5, idle_s=10_000), False),
+    ],
+)
+def test_could_flag_table(sock: Sock, expected: bool) -> None:
+    assert could_flag(sock, loosest(DEFAULTS)) is expected
+
+
+def _at_ms(ms: int, **fields: Any) -> Sock:
+    return make_sock(last_data_recv_ms=ms, last_ack_recv_ms=ms, last_data_sent_ms=ms, **fields)
+
+
+@pytest.mark.parametrize(
+    ("rules", "sock"),
+    [
+        # Sockets exactly at a threshold, where ms * 1000 and ms / 1000 round differently
+        # (found by the property test below): 8235548 / 1000 >= 8235.548, but
+        # 8235548 < 8235.548 * 1000 = 8235548.000000001.
+        (ruleset(defaults=Thresholds(close_wait_after=8235.548)),
+         _at_ms(8235548, state=TcpState.CLOSE_WAIT)),
+        # The rule warns at 0.5 * 1827.126 = 913.563 s; loosest's warn_at, a quotient by the
+        # defaults' 1773.082 s, multiplied back must not land after it.
+        (ruleset(rule("r", base=Thresholds(idle_timeout=1773.082, warn_at=0.85),
+                      idle_timeout=1827.126, warn_at=0.5),
+                 defaults=Thresholds(idle_timeout=1773.082, warn_at=0.85)),
+         _at_ms(913563)),
+        (ruleset(rule("r", base=Thresholds(idle_timeout=1279.625, warn_at=0.84),
+                      idle_timeout=519.416, warn_at=0.25),
+                 defaults=Thresholds(idle_timeout=1279.625, warn_at=0.84)),
+         _at_ms(129854)),
+    ],
+)  # fmt: skip
+def test_could_flag_keeps_sockets_exactly_at_a_threshold(rules: RuleSet, sock: Sock) -> None:
+    assert socket_findings(rules, sock, None, sysctls(), NS)
+    assert could_flag(sock, loosest(rules))
+
+
+# Threshold values as the config produces them: durations with millisecond resolution.
+durations = st.integers(1, 20_000_000).map(lambda ms: ms / 1000)
+fractions = st.one_of(st.integers(1, 100).map(lambda p: p / 100), st.floats(0.001, 1.0))
+thresholds_st = st.builds(
+    Thresholds,
+    idle_timeout=durations,
+    warn_at=fractions,
+    detection_budget=durations,
+    close_wait_after=st.one_of(st.just(0.0), durations),
+    retransmit_threshold=st.integers(1, 20),
+)
+PORTS = (22, 443, 5432)
+PROCESSES = ("postgres", "java", "nginx")
+match_st = st.builds(
+    Match,
+    local_ports=st.frozensets(st.sampled_from(PORTS), max_size=2),
+    remote_ports=st.frozensets(st.sampled_from(PORTS), max_size=2),
+    processes=st.lists(st.sampled_from((*PROCESSES, "post*")), max_size=2).map(tuple),
+    states=st.frozensets(st.sampled_from([TcpState.ESTABLISHED, TcpState.CLOSE_WAIT]),
+                         max_size=1),
+)  # fmt: skip
+
+
+@st.composite
+def rules_st(draw: st.DrawFn) -> RuleSet:
+    defaults = draw(thresholds_st)
+    rules = []
+    for i in range(draw(st.integers(1, 3))):
+        t = draw(thresholds_st)
+        rules.append(
+            rule(f"r{i}", match=draw(match_st), base=defaults, ignore=draw(st.booleans()),
+                 severity=draw(st.none() | st.sampled_from(Severity)),
+                 idle_timeout=t.idle_timeout, warn_at=t.warn_at,
+                 close_wait_after=t.close_wait_after,
+                 retransmit_threshold=t.retransmit_threshold)
+        )  # fmt: skip
+    return ruleset(*rules, defaults=defaults)
+
+
+def _edges(rules: RuleSet) -> list[int]:
+    """Ages in ms right at and around every threshold of every rule: where rounding bites."""
+    out: list[int] = []
+    for t in [rules.defaults, *(r.thresholds for r in rules.rules)]:
+        for seconds in (t.idle_timeout, t.warn_at * t.idle_timeout, t.close_wait_after):
+            ms = seconds * 1000
+            out += [int(ms) - 1, int(ms), int(ms) + 1, round(ms)]
+    return [max(v, 0) for v in out]
+
+
+@st.composite
+def case_st(draw: st.DrawFn) -> tuple[RuleSet, Sock, ProcessInfo | None]:
+    rules = draw(rules_st())
+    edges = _edges(rules)
+    ages = st.one_of(st.integers(0, 30_000_000), st.sampled_from(edges))
+    timer = draw(st.sampled_from([0, 1, 2, 3, 4, 5]))
+    expires = draw(st.one_of(st.integers(0, 10_000_000), st.sampled_from(edges)))
+    recv = draw(ages)
+    sock = make_sock(
+        state=draw(st.sampled_from([TcpState.ESTABLISHED, TcpState.CLOSE_WAIT,
+                                    TcpState.FIN_WAIT2, TcpState.SYN_SENT])),
+        timer=timer,
+        retrans=draw(st.integers(0, 20)),
+        sport=draw(st.sampled_from(PORTS)),
+        dport=draw(st.sampled_from(PORTS)),
+        expires_ms=expires,
+        last_data_recv_ms=recv,
+        last_ack_recv_ms=draw(st.one_of(st.just(recv), ages)),
+        last_data_sent_ms=draw(st.one_of(st.just(recv), ages)),
+        backoff=draw(st.integers(0, 15)),
+        rto_us=draw(st.integers(200_000, 120_000_000)),
+    )  # fmt: skip
+    name = draw(st.none() | st.sampled_from(PROCESSES))
+    return rules, sock, None if name is None else ProcessInfo(1, name)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case_st())
+def test_could_flag_never_drops_a_flagged_socket(
+    case: tuple[RuleSet, Sock, ProcessInfo | None],
+) -> None:
+    rules, sock, process = case
+    flagged = socket_findings(rules, sock, process, sysctls(), NS)
+    if flagged:
+        assert could_flag(sock, loosest(rules)), flagged
