@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno as _errno
+
 
 class AuditdError(Exception):
     """Base class; ``str()`` is a one-line message for the user."""
@@ -9,6 +11,15 @@ class AuditdError(Exception):
 
 class KernelError(AuditdError):
     """The kernel could not be read (netlink refused, /proc missing, ...)."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+    @property
+    def transient(self) -> bool:
+        """Worth one more try: the receive queue overflowed or a call was interrupted."""
+        return self.errno in (_errno.ENOBUFS, _errno.EAGAIN, _errno.EINTR)
 
 
 class NamespaceGone(KernelError):

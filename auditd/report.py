@@ -88,6 +88,11 @@ def namespace_dict(ns: NamespaceReport) -> dict[str, Any]:
             "skipped": ns.dump_skipped,
             "interrupted": ns.dump_interrupted,
         },
+        "attribution": {
+            "wanted": ns.attribution_wanted,
+            "found": ns.attribution_found,
+            "complete": ns.attribution_complete,
+        },
     }
 
 

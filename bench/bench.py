@@ -177,10 +177,10 @@ class _TimedKernel:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def owners(self, inodes: Any) -> Any:
+    def owners(self, inodes: Any, deadline: float | None = None) -> Any:
         t0 = time.perf_counter()
         try:
-            return self.inner.owners(inodes)
+            return self.inner.owners(inodes, deadline)
         finally:
             self.owners_seconds += time.perf_counter() - t0
             self.owners_wanted += len(inodes)

@@ -17,6 +17,7 @@ from typing import Any
 
 from auditd import model
 from auditd.config import Match, Rule, RuleSet, Thresholds
+from auditd.kernel import OwnerScan
 from auditd.kernel.sockdiag import (
     DIAG_MSG,
     INET_DIAG_INFO,
@@ -166,9 +167,9 @@ class FakeKernel:
             yield sock
         stats.done += 2
 
-    def owners(self, inodes: Collection[int]) -> dict[int, ProcessInfo]:
+    def owners(self, inodes: Collection[int], deadline: float | None = None) -> OwnerScan:
         self.owner_queries.append(sorted(inodes))
-        return {i: self.owner_map[i] for i in inodes if i in self.owner_map}
+        return OwnerScan({i: self.owner_map[i] for i in inodes if i in self.owner_map})
 
 
 # --- netlink messages, built by hand for the crafted decode cases ----------------------------

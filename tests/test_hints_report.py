@@ -21,7 +21,10 @@ from auditd.model import ProcessInfo, TcpState
 # agree. Removing or renaming a key bumps SCHEMA_VERSION (report.py).
 
 TOP_KEYS = {"schema_version", "generated_at", "duration_seconds", "namespaces", "findings"}
-NAMESPACE_KEYS = {"netns", "inode", "sysctls", "detection", "sockets", "counters", "dump"}
+NAMESPACE_KEYS = {
+    "netns", "inode", "sysctls", "detection", "sockets", "counters", "dump", "attribution"
+}  # fmt: skip
+ATTRIBUTION_KEYS = {"wanted", "found", "complete"}
 DETECTION_KEYS = {"idle_seconds", "in_flight_seconds"}
 SOCKETS_KEYS = {"total", "by_state", "by_keepalive", "by_state_and_keepalive"}
 COUNTERS_KEYS = {"keepalive_probes", "abort_on_timeout", "timeouts", "retrans_segs"}
@@ -96,6 +99,7 @@ def test_json_namespace(doc: dict[str, Any]) -> None:
     assert set(ns["counters"]) == COUNTERS_KEYS
     assert set(ns["dump"]) == DUMP_KEYS
     assert ns["dump"]["interrupted"] is False
+    assert set(ns["attribution"]) == ATTRIBUTION_KEYS
 
 
 def test_json_findings(doc: dict[str, Any]) -> None:
@@ -161,7 +165,8 @@ def test_json_keys_match_the_readme(doc: dict[str, Any]) -> None:
     ns = doc["namespaces"][0]
     assert set(ns_doc) == set(ns) == NAMESPACE_KEYS
     for key, keys in (("detection", DETECTION_KEYS), ("sockets", SOCKETS_KEYS),
-                      ("counters", COUNTERS_KEYS), ("dump", DUMP_KEYS)):  # fmt: skip
+                      ("counters", COUNTERS_KEYS), ("dump", DUMP_KEYS),
+                      ("attribution", ATTRIBUTION_KEYS)):  # fmt: skip
         assert set(ns_doc[key]) == set(ns[key]) == keys, key
     (finding_doc,) = example["findings"]
     assert set(finding_doc) == FINDING_KEYS

@@ -226,7 +226,9 @@ def proc_tree() -> Iterator[Path]:
 
 
 def test_find_owners(proc_tree: Path) -> None:
-    owners = procs.find_owners([5001, 5002, 6001, 7001, 9999], str(proc_tree))
+    scan = procs.find_owners([5001, 5002, 6001, 7001, 9999], str(proc_tree))
+    owners = scan.found
+    assert scan.complete
     assert set(owners) == {5001, 5002, 6001}
     assert owners[5002] == ProcessInfo(100, "nginx", "nginx: master process -g daemon off;")
     assert owners[5001].name == "nginx" and owners[5001].pid in (100, 300)
@@ -235,17 +237,27 @@ def test_find_owners(proc_tree: Path) -> None:
 
 @pytest.mark.parametrize("inodes", [[], [0], [9999]])
 def test_find_owners_nothing_to_find(proc_tree: Path, inodes: list[int]) -> None:
-    assert procs.find_owners(inodes, str(proc_tree)) == {}
+    assert procs.find_owners(inodes, str(proc_tree)).found == {}
 
 
 def test_find_owners_of_a_missing_root(tmp_path: Path) -> None:
-    assert procs.find_owners([1], str(tmp_path / "nowhere")) == {}
+    scan = procs.find_owners([1], str(tmp_path / "nowhere"))
+    assert scan.found == {} and not scan.complete
+
+
+def test_find_owners_stops_at_its_deadline(proc_tree: Path) -> None:
+    ticks = iter(range(100))
+    scan = procs.find_owners(
+        [5001, 5002, 6001], str(proc_tree), deadline=0.5, clock=lambda: next(ticks)
+    )
+    assert not scan.complete  # the first process is looked at (clock 0), then time is up
+    assert len(scan.found) <= 2
 
 
 def _find_owners_as_nobody(root: Path, inodes: list[int]) -> dict[int, int]:
     """find_owners run by an unprivileged user: in a forked child when we are root."""
     if os.geteuid() != 0:
-        return {i: p.pid for i, p in procs.find_owners(inodes, str(root)).items()}
+        return {i: p.pid for i, p in procs.find_owners(inodes, str(root)).found.items()}
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: drop to nobody, look, report, never return into pytest
@@ -255,7 +267,7 @@ def _find_owners_as_nobody(root: Path, inodes: list[int]) -> dict[int, int]:
             os.setgroups([])
             os.setresgid(65534, 65534, 65534)
             os.setresuid(65534, 65534, 65534)
-            found = procs.find_owners(inodes, str(root))
+            found = procs.find_owners(inodes, str(root)).found
             os.write(write_end, json.dumps({i: p.pid for i, p in found.items()}).encode())
             code = 0
         finally:
@@ -301,9 +313,9 @@ def test_live_socket_of_this_process_is_attributed_to_it() -> None:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         inode = fd_inode(sock)
-        owners = procs.find_owners([inode])
+        owners = procs.find_owners([inode]).found
         with open(f"/proc/{os.getpid()}/comm") as f:
             comm = f.read().strip()
         assert owners[inode].pid == os.getpid()
         assert owners[inode].name == comm
-        assert LocalKernel().owners([inode])[inode].pid == os.getpid()
+        assert LocalKernel().owners([inode]).found[inode].pid == os.getpid()

@@ -22,7 +22,8 @@ from auditd.audit.evaluate import (
 )
 from auditd.audit.inference import keepalive_status
 from auditd.config import RuleSet
-from auditd.kernel import DumpStats, KernelSource
+from auditd.errors import KernelError
+from auditd.kernel import DumpStats, KernelSource, OwnerScan
 from auditd.model import Counters, Finding, Keepalive, Sock, Sysctls, TcpState, state_label
 
 HOST_NETNS = "host"
@@ -50,6 +51,9 @@ class NamespaceReport:
     # and the sum of their idle seconds.
     idle_histogram: dict[str, list[int]] = field(default_factory=dict)
     idle_sum: dict[str, float] = field(default_factory=dict)
+    attribution_wanted: int = 0  # flagged sockets whose owner was looked for
+    attribution_found: int = 0
+    attribution_complete: bool = True  # False: the time budget ran out before the end
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +74,17 @@ def sort_findings(findings: list[Finding]) -> tuple[Finding, ...]:
     return tuple(sorted(findings, key=_order))
 
 
+# Attribution may take this fraction of the dump's own time (at least the minimum): a full
+# /proc/*/fd scan costs a readlink per open fd, several times a socket's share of the dump.
+ATTRIBUTION_FRACTION = 0.3
+ATTRIBUTION_MIN_SECONDS = 0.2
+
+
 def audit_namespace(
-    rules: RuleSet, source: KernelSource, netns: str = HOST_NETNS
+    rules: RuleSet,
+    source: KernelSource,
+    netns: str = HOST_NETNS,
+    monotonic: Callable[[], float] = time.monotonic,
 ) -> tuple[NamespaceReport, list[Finding]]:
     """Raises KernelError when the socket dump cannot be read; everything else is best effort."""
     sysctls = source.sysctls()
@@ -93,6 +106,7 @@ def audit_namespace(
     bounds = _IDLE_BOUNDS_MS
     where = bisect.bisect_left
     established = TcpState.ESTABLISHED
+    dump_started = monotonic()
     for sock in source.sockets(stats):
         total += 1
         ka = status(sock)
@@ -110,7 +124,11 @@ def audit_namespace(
                 pending.discard(rule.name)
                 matched.add(rule.name)
 
-    owners = source.owners([s.inode for s in kept]) if kept else {}
+    dump_seconds = monotonic() - dump_started
+    budget = max(ATTRIBUTION_MIN_SECONDS, ATTRIBUTION_FRACTION * dump_seconds)
+    wanted = [s.inode for s in kept if s.inode]
+    scan = source.owners(wanted, monotonic() + budget) if wanted else OwnerScan()
+    owners = scan.found
     findings: list[Finding] = []
     for sock in kept:
         process = owners.get(sock.inode)
@@ -136,6 +154,9 @@ def audit_namespace(
         dump_interrupted=stats.interrupted or stats.truncated,
         idle_histogram=hist,
         idle_sum={ka: ms / 1000 for ka, ms in idle_ms_sum.items()},
+        attribution_wanted=len(wanted),
+        attribution_found=len(owners),
+        attribution_complete=scan.complete,
     )
     return report, findings
 
@@ -152,7 +173,13 @@ def audit(
     reports: list[NamespaceReport] = []
     findings: list[Finding] = []
     for name, source in sources:
-        report, found = audit_namespace(rules, source, name)
+        try:
+            report, found = audit_namespace(rules, source, name)
+        except KernelError as exc:
+            if not exc.transient:
+                raise
+            # ENOBUFS/EINTR: the socket table moved faster than we read it; once more.
+            report, found = audit_namespace(rules, source, name)
         reports.append(report)
         findings.extend(found)
     return AuditResult(

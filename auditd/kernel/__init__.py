@@ -11,10 +11,11 @@ from collections.abc import Collection, Iterator
 from typing import Protocol
 
 from auditd.kernel import procfs, procs, sockdiag
+from auditd.kernel.procs import OwnerScan
 from auditd.kernel.sockdiag import DumpStats
-from auditd.model import Counters, ProcessInfo, Sock, Sysctls
+from auditd.model import Counters, Sock, Sysctls
 
-__all__ = ["DumpStats", "KernelSource", "LocalKernel"]
+__all__ = ["DumpStats", "KernelSource", "LocalKernel", "OwnerScan"]
 
 
 class KernelSource(Protocol):
@@ -30,7 +31,9 @@ class KernelSource(Protocol):
         """Streams TCP sockets; raises KernelError if the dump cannot be read."""
         ...
 
-    def owners(self, inodes: Collection[int]) -> dict[int, ProcessInfo]: ...
+    def owners(self, inodes: Collection[int], deadline: float | None = None) -> OwnerScan:
+        """Owners of socket inodes; ``deadline`` is a time.monotonic() bound on the search."""
+        ...
 
 
 class LocalKernel:
@@ -59,5 +62,5 @@ class LocalKernel:
     def sockets(self, stats: DumpStats) -> Iterator[Sock]:
         return sockdiag.dump(stats, factory=self.netlink)
 
-    def owners(self, inodes: Collection[int]) -> dict[int, ProcessInfo]:
-        return procs.find_owners(inodes, self.proc_root)
+    def owners(self, inodes: Collection[int], deadline: float | None = None) -> OwnerScan:
+        return procs.find_owners(inodes, self.proc_root, deadline)

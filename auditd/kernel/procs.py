@@ -11,7 +11,9 @@ audit flags, and stops as soon as every wanted inode is found.
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 
 from auditd.model import ProcessInfo
 
@@ -40,20 +42,39 @@ def process_info(pid: int, proc_root: str = "/proc") -> ProcessInfo | None:
     return ProcessInfo(pid=pid, name=name, cmdline=cmdline)
 
 
-def find_owners(inodes: Collection[int], proc_root: str = "/proc") -> dict[int, ProcessInfo]:
-    """Owner of each socket inode that some process holds open; others are left out."""
+@dataclass(frozen=True, slots=True)
+class OwnerScan:
+    """Owners found, and whether every process was looked at (False: out of time)."""
+
+    found: dict[int, ProcessInfo] = field(default_factory=dict)
+    complete: bool = True
+
+
+def find_owners(
+    inodes: Collection[int],
+    proc_root: str = "/proc",
+    deadline: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> OwnerScan:
+    """Owner of each socket inode that some process holds open; others are left out.
+
+    ``deadline`` (a ``clock`` time) bounds the scan: on a host with hundreds of thousands of
+    open fds, a full scan would cost more than the audit it serves.
+    """
     wanted = {f"socket:[{inode}]": inode for inode in inodes if inode}
     found: dict[int, ProcessInfo] = {}
     if not wanted:
-        return found
+        return OwnerScan(found)
     try:
         entries = os.listdir(proc_root)
     except OSError:
-        return found
+        return OwnerScan(found, complete=False)
     readlink = os.readlink
     for entry in entries:
         if not entry.isdigit():
             continue
+        if deadline is not None and clock() > deadline:
+            return OwnerScan(found, complete=False)
         try:  # readlink relative to the open fd directory: no path building, no path walk
             dir_fd = os.open(os.path.join(proc_root, entry, "fd"), os.O_RDONLY | os.O_DIRECTORY)
         except OSError:  # gone, or not ours to read
@@ -79,4 +100,4 @@ def find_owners(inodes: Collection[int], proc_root: str = "/proc") -> dict[int, 
                     found[inode] = info
             if len(found) == len(wanted):
                 break
-    return found
+    return OwnerScan(found)

@@ -187,7 +187,9 @@ def decode(buf: Buffer, stats: DumpStats) -> Iterator[Sock]:
         elif mtype == NLMSG_ERROR:
             code = -NLMSGERR.unpack_from(buf, off + 16)[0] if length >= 20 else errno.EIO
             if code:
-                raise KernelError(f"sock_diag dump failed: {os.strerror(code)} (errno {code})")
+                raise KernelError(
+                    f"sock_diag dump failed: {os.strerror(code)} (errno {code})", code
+                )
         elif mtype == SOCK_DIAG_BY_FAMILY or mtype != NLMSG_NOOP:
             stats.skipped += 1  # a diag message too short, or a type we never asked for
         off += (length + 3) & ~3
@@ -208,14 +210,16 @@ def _open(factory: SocketFactory) -> socket.socket:
     try:
         return factory()
     except OSError as exc:
-        raise KernelError(f"cannot open a sock_diag netlink socket: {exc.strerror}") from exc
+        raise KernelError(
+            f"cannot open a sock_diag netlink socket: {exc.strerror}", exc.errno
+        ) from exc
 
 
 def _send(sock: socket.socket, request: bytes) -> None:
     try:
         sock.send(request)
     except OSError as exc:
-        raise KernelError(f"sock_diag request failed: {exc.strerror}") from exc
+        raise KernelError(f"sock_diag request failed: {exc.strerror}", exc.errno) from exc
 
 
 def _recv(sock: socket.socket, view: memoryview) -> memoryview:
@@ -223,7 +227,7 @@ def _recv(sock: socket.socket, view: memoryview) -> memoryview:
     try:
         nbytes, _anc, flags, _addr = sock.recvmsg_into([view])
     except OSError as exc:
-        raise KernelError(f"sock_diag dump failed: {exc.strerror}") from exc
+        raise KernelError(f"sock_diag dump failed: {exc.strerror}", exc.errno) from exc
     if flags & socket.MSG_TRUNC:
         raise KernelError("sock_diag dump failed: datagram larger than the receive buffer")
     return view[:nbytes]
