@@ -169,8 +169,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     log = logs.setup(args.log_level, args.log_format)
     options = DaemonOptions(args.config_file, interval, args.listen, args.telemetry_path)
     daemon = Daemon(options, args.sources, log)
+    daemon.install_signals()  # first: a SIGHUP during start-up must not kill the process
     daemon.load_initial_config()
-    daemon.install_signals()
     daemon.serve()
     return EXIT_OK
 

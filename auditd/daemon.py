@@ -168,9 +168,15 @@ class Daemon:
     def _log_changes(self, result: AuditResult) -> None:
         current = {f.key: f for f in result.findings}
         for key, f in current.items():
-            if key not in self.open:
+            before = self.open.get(key)
+            if before is None:
                 self.log.warning(
                     f"finding: {f.message}", extra={**_finding_fields(f), "hint": f.hint}
+                )
+            elif before.severity != f.severity:  # e.g. warning -> critical as idle grows
+                self.log.warning(
+                    f"finding now {f.severity.label}: {f.message}",
+                    extra={**_finding_fields(f), "was": before.severity.label, "hint": f.hint},
                 )
         for key, f in self.open.items():
             if key not in current:

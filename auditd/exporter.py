@@ -199,8 +199,8 @@ def _namespaces(result: AuditResult) -> Iterator[Metric]:
 def _findings(result: AuditResult, rules: RuleSet) -> Iterator[Metric]:
     g = GaugeMetricFamily(
         "keepalive_findings",
-        "Open findings by kind, severity and rule (every configured rule and kind present, "
-        f"0 when clear). {AS_OF}",
+        "Open findings by kind, severity and rule (every configured rule that is not "
+        f"ignored, and every kind and severity, present; 0 when clear). {AS_OF}",
         labels=["netns", "kind", "severity", "rule"],
     )
     counts: dict[tuple[str, str, str, str], int] = {}

@@ -29,10 +29,16 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
 
 def _logfmt_value(value: Any) -> str:
     text = "" if value is None else str(value)
-    if text and not any(c in text for c in ' "=\\\n\t'):
+    if text and text.isprintable() and not any(c in text for c in ' "=\\'):
         return text
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    # Quote, and escape what would break one line per record (journald splits on \n).
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    escaped = "".join(c if c.isprintable() else _CONTROL.get(c, f"\\x{ord(c):02x}")
+                      for c in escaped)  # fmt: skip
     return f'"{escaped}"'
+
+
+_CONTROL = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 class LogfmtFormatter(logging.Formatter):
