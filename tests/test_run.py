@@ -6,13 +6,17 @@ import errno
 from collections.abc import Collection, Iterator
 
 import pytest
-from helpers import FakeKernel
+from helpers import DEFAULT_SYSCTLS, FakeKernel
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from auditd.audit.evaluate import socket_findings
+from auditd.audit.inference import keepalive_status
 from auditd.audit.run import ATTRIBUTION_MIN_SECONDS, audit, audit_namespace
 from auditd.config import RuleSet, Thresholds
 from auditd.errors import KernelError
 from auditd.kernel import DumpStats, OwnerScan
-from auditd.model import ProcessInfo, TimerKind, make_sock
+from auditd.model import Finding, ProcessInfo, TimerKind, make_sock, state_label
 
 IDLE = make_sock(sport=40000, dport=5432, inode=11, last_data_recv_ms=400_000,
                  last_ack_recv_ms=400_000, last_data_sent_ms=400_000)  # fmt: skip
@@ -84,3 +88,55 @@ def test_attribution_gets_a_budget_relative_to_the_dump() -> None:
     assert not report.attribution_complete and report.attribution_found == 0
     assert findings[0].pid is None  # unattributed, still reported
     assert ATTRIBUTION_MIN_SECONDS > 0
+
+
+# The per-socket pass inlines keepalive_status / path_idle_ms / could_flag for speed: it must
+# count exactly as they do and keep every socket socket_findings would flag.
+_ms = st.integers(min_value=0, max_value=10_000_000)
+_socks = st.builds(
+    lambda state, timer, retrans, expires, sent, recv, ack, inode: make_sock(
+        state=state,
+        timer=timer,
+        retrans=retrans,
+        expires_ms=expires,
+        last_data_sent_ms=sent,
+        last_data_recv_ms=recv,
+        last_ack_recv_ms=ack,
+        inode=inode,
+        sport=inode % 60000,
+    ),
+    st.sampled_from([1, 1, 1, 2, 4, 5, 8, 8, 9]),
+    st.sampled_from([0, 0, 1, 2, 2, 3, 4, 5, 9]),
+    st.integers(min_value=0, max_value=20),
+    _ms,
+    _ms,
+    _ms,
+    _ms,
+    st.integers(min_value=1, max_value=10**9),
+)
+_thresholds = st.builds(
+    Thresholds,
+    idle_timeout=st.sampled_from([0.001, 1.0, 2.5, 350.0, 7200.0]),
+    warn_at=st.sampled_from([0.1, 0.5, 0.999, 1.0]),
+    close_wait_after=st.sampled_from([0.0, 0.5, 60.0]),
+    retransmit_threshold=st.integers(min_value=1, max_value=8),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_socks, max_size=30), _thresholds)
+def test_fast_pass_matches_the_reference_functions(socks: list, t: Thresholds) -> None:  # type: ignore[type-arg]
+    rules = RuleSet(defaults=t)
+    report, findings = audit_namespace(rules, FakeKernel(socks))
+    expected: list[Finding] = []
+    counts: dict[tuple[str, str], int] = {}
+    for s in socks:
+        key = (state_label(s.state), keepalive_status(s))
+        counts[key] = counts.get(key, 0) + 1
+        expected.extend(socket_findings(rules, s, None, DEFAULT_SYSCTLS, "host"))
+    assert report.connections == counts
+    socket_level = [f for f in findings if f.local is not None]
+    assert sorted(f.key for f in socket_level) == sorted(f.key for f in expected)
+    assert sum(sum(h) for h in report.idle_histogram.values()) == sum(
+        1 for s in socks if s.state == 1
+    )
