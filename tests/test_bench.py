@@ -1,0 +1,38 @@
+"""The benchmark measures what it claims: it opens what it says and the audit counts it.
+
+Run at a small N in a namespace of its own, so the host's sockets do not blur the counts.
+No timings are asserted here: figures are the benchmark's output, not a test's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import netlab
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
+                     "bench.py")  # fmt: skip
+
+pytestmark = pytest.mark.kernel
+
+
+def test_bench_counts_what_it_created(lab: netlab.Lab) -> None:
+    ns = lab.netns()
+    proc = ns.run([sys.executable, BENCH, "--sockets", "400", "--rounds", "1", "--flagged",
+                   "0.01", "--scrapers", "2", "--scrape-seconds", "0.5", "--json"],
+                  check=False, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["connections_opened"] == 200
+    assert report["sockets_seen"] == report["established_seen"] == 400  # both ends
+    assert report["keepalive_on_seen"] == 100  # every other client end
+    # Connections 0 and 100 keep the 7200 s default: keepalive_too_slow under a 1 h timeout.
+    assert report["too_slow_findings"] == 2
+    assert report["attributed_findings"] == 2  # their holder process was found
+    for key in ("floor_wall_s", "audit_wall_s", "ss_wall_s", "cli_process_wall_s"):
+        assert report[key] > 0
+    assert report["audit_peak_rss_mb"] > 0
+    assert report["scrape"]["scrapes"] > 0 and report["scrape"]["errors"] == 0
