@@ -16,7 +16,10 @@ import dataclasses
 import ipaddress
 import json
 import math
+import os
 import re
+import stat
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,14 +183,75 @@ class _FileMissing(ConfigError):
     """The file does not exist: ``load_rules_or_default`` falls back to the builtin rules."""
 
 
+# A rules file is a few kB; anything this large is a mistake (a log, a device), not rules.
+MAX_CONFIG_BYTES = 1 << 20
+# A file written in place (``cat > rules.yaml``) passes through states that parse: empty (the
+# built-in defaults) or cut after a rule. A file changed within this many seconds is read
+# only once it has stayed the same for SETTLE_SECONDS.
+RECENT_SECONDS = 1.0
+SETTLE_SECONDS = 0.05
+SETTLE_TRIES = 20
+
+
+def read_config_file(path: str) -> bytes:
+    """The bytes of a config file; ConfigError (one line) if it cannot or should not be read.
+
+    Opened without blocking and checked to be a regular file of sane size first: a FIFO
+    would block the reload forever and /dev/zero would never end. A file being rewritten
+    while we read is read again once it has settled (an atomic rename needs no wait: the
+    open file is one version or the other).
+    """
+    for _ in range(SETTLE_TRIES):
+        data, identity = _read_once(path)
+        try:
+            now = os.stat(path)
+        except OSError:
+            now = None  # deleted or renamed away after we read it: what we read is whole
+        if now is None or _identity(now) == identity:
+            if now is None or abs(time.time() - now.st_mtime) > RECENT_SECONDS:
+                return data
+            time.sleep(SETTLE_SECONDS)
+            try:
+                if _identity(os.stat(path)) == identity:
+                    return data
+            except OSError:
+                return data
+        else:
+            time.sleep(SETTLE_SECONDS)
+    raise ConfigError(_one_line(f"{path}: cannot read: it kept changing while being read"))
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _read_once(path: str) -> tuple[bytes, tuple[int, int, int, int]]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        error = _FileMissing if isinstance(exc, FileNotFoundError) else ConfigError
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise error(_one_line(f"{path}: cannot read: {reason}")) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            what = "Is a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise ConfigError(_one_line(f"{path}: cannot read: {what}"))
+        with open(fd, "rb", closefd=False) as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(_one_line(f"{path}: cannot read: {exc.strerror or exc}")) from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG_BYTES:
+        what = f"larger than {MAX_CONFIG_BYTES // 1024} KiB, not a config file"
+        raise ConfigError(_one_line(f"{path}: cannot read: {what}"))
+    return data, _identity(st)
+
+
 def load_rules(path: str) -> RuleSet:
     """Parse the rules file at ``path``; raises ConfigError if it cannot be read or used."""
-    try:
-        with open(path, "rb") as file:
-            data = file.read()
-    except OSError as exc:
-        error = _FileMissing if isinstance(exc, FileNotFoundError) else ConfigError
-        raise error(_one_line(f"{path}: cannot read: {exc.strerror or exc}")) from None
+    data = read_config_file(path)
     try:
         text = data.decode("utf-8-sig")  # -sig: tolerate the BOM some editors write
     except UnicodeDecodeError as exc:

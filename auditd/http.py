@@ -2,21 +2,32 @@
 
 The exposition is rendered once per state change and then served as bytes, so many
 concurrent scrapers cost a dictionary lookup each, not a render.
+
+TLS and basic auth follow ``--web.config.file`` (auditd/webconfig.py). The TLS handshake
+runs in the connection's own thread, not in the accept loop, so a client that stalls it
+holds up nobody else; every connection times out after ``CONNECTION_TIMEOUT`` seconds of
+silence. The web config is looked up per connection and per request, so a reload (SIGHUP)
+takes effect at the next connection.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from auditd import __version__
 from auditd.errors import AuditdError
 from auditd.exporter import ExporterState, make_registry
+from auditd.webconfig import BasicAuth, TlsSettings, WebConfig
+
+CONNECTION_TIMEOUT = 10.0  # seconds a client may stay silent, handshake included
 
 LANDING = """<!doctype html>
 <html><head><title>keepalive-auditd</title></head>
@@ -48,12 +59,25 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 64
+    tls: Callable[[], TlsSettings | None] = staticmethod(lambda: None)
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6:
             # ":9977" listens on both stacks, like the Go exporters.
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
+
+    def get_request(self) -> tuple[Any, Any]:
+        conn, addr = super().get_request()
+        tls = self.tls()
+        if tls is not None:  # the handshake happens in the handler's thread (setup)
+            conn = tls.context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        return conn, addr
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A failed handshake (plain HTTP to the TLS port, a bad client certificate), a client
+        # that went silent or away: the client's problem, not worth a traceback on stderr.
+        del request, client_address
 
 
 class _Server4(_Server):
@@ -71,11 +95,14 @@ class MetricsServer:
         path: str,
         get_state: Callable[[], ExporterState],
         log: logging.Logger,
+        web: WebConfig | None = None,
     ) -> None:
         self.listen = listen
         self.path = path
         self.get_state = get_state
         self.log = log
+        self.web = web or WebConfig()  # replaced whole on reload; read once per request
+        self.auth = BasicAuth()
         self.registry = make_registry(get_state)
         self._cache: tuple[ExporterState, bytes] | None = None
         self._lock = threading.Lock()
@@ -100,8 +127,23 @@ class MetricsServer:
 
         class Handler(BaseHTTPRequestHandler):
             server_version = f"keepalive-auditd/{__version__}"
+            timeout = CONNECTION_TIMEOUT
+
+            def setup(self) -> None:
+                if isinstance(self.request, ssl.SSLSocket):
+                    self.request.settimeout(self.timeout)
+                    self.request.do_handshake()
+                    tls = server.web.tls
+                    if tls is not None and not _san_allowed(self.request, tls):
+                        raise ConnectionRefusedError("client certificate SAN not allowed")
+                super().setup()
 
             def do_GET(self) -> None:
+                web = server.web
+                if not server.auth.check(web.users, self.headers.get("Authorization")):
+                    challenge = (("WWW-Authenticate", 'Basic realm="keepalive-auditd"'),)
+                    self._send(401, "text/plain; charset=utf-8", b"Unauthorized\n", challenge)
+                    return
                 route = self.path.split("?", 1)[0]
                 if route == server.path:
                     self._send(200, CONTENT_TYPE_LATEST, server.exposition())
@@ -111,15 +153,19 @@ class MetricsServer:
                 else:
                     self._send(404, "text/plain; charset=utf-8", b"not found\n")
 
-            def _send(self, code: int, ctype: str, body: bytes) -> None:
+            def _send(
+                self, code: int, ctype: str, body: bytes, extra: tuple[tuple[str, str], ...] = ()
+            ) -> None:
                 try:
                     self.send_response(code)
                     self.send_header("Content-Type", ctype)
                     self.send_header("Content-Length", str(len(body)))
+                    for name, value in (*server.web.headers, *extra):
+                        self.send_header(name, value)
                     self.end_headers()
                     self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the scraper went away
+                except OSError:
+                    pass  # the scraper went away (or its TLS session broke)
 
             def log_message(self, format: str, *args: object) -> None:
                 del format, args  # access logs would flood journald at every scrape
@@ -127,6 +173,7 @@ class MetricsServer:
         return Handler
 
     def start(self) -> None:
+        """Binds and serves; raises AuditdError if the address cannot be bound (yet)."""
         try:
             host, port = parse_listen(self.listen)
         except ValueError as exc:
@@ -141,6 +188,7 @@ class MetricsServer:
                 self._httpd = _Server4(("0.0.0.0", port), self._handler())
             except OSError as exc4:
                 raise AuditdError(f"cannot listen on {self.listen}: {exc4.strerror}") from None
+        self._httpd.tls = lambda: self.web.tls
         self._thread = threading.Thread(
             target=self._httpd.serve_forever,
             kwargs={"poll_interval": 0.2},
@@ -157,7 +205,24 @@ class MetricsServer:
         text = host.decode() if isinstance(host, bytes) else str(host)
         return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
 
+    @property
+    def listening(self) -> bool:
+        return self._httpd is not None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.web.tls is not None else "http"
+
     def stop(self) -> None:
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
+
+
+def _san_allowed(conn: ssl.SSLSocket, tls: TlsSettings) -> bool:
+    """The client certificate names one of ``client_allowed_sans`` (DNS, IP, email or URI)."""
+    if not tls.client_allowed_sans:
+        return True
+    cert = conn.getpeercert() or {}
+    names = {str(pair[1]) for pair in cert.get("subjectAltName", ()) if len(pair) == 2}
+    return bool(names & tls.client_allowed_sans)

@@ -52,10 +52,19 @@ class JsonFormatter(logging.Formatter):
 
 
 class _SafeStream(logging.StreamHandler):  # type: ignore[type-arg]
-    """A log line that cannot be written (full disk, closed pipe) is dropped, not raised."""
+    """A log line that cannot be written (full disk, closed pipe) is dropped, not raised;
+    the daemon exports the count as ``keepalive_audit_errors_total{stage="log"}``."""
+
+    dropped = 0
 
     def handleError(self, record: logging.LogRecord) -> None:
-        self.dropped = getattr(self, "dropped", 0) + 1
+        del record
+        self.dropped += 1
+
+
+def dropped_lines(logger: logging.Logger) -> int:
+    """Log lines ``logger``'s handlers could not write since ``setup``."""
+    return sum(getattr(handler, "dropped", 0) for handler in logger.handlers)
 
 
 def setup(level: str = "info", fmt: str = "logfmt", stream: Any = None) -> logging.Logger:
