@@ -7,11 +7,13 @@ config, 3 the kernel could not be read.
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from collections.abc import Callable, Sequence
 
 from auditd import __version__
-from auditd.audit.run import HOST_NETNS, AuditResult, audit
+from auditd.audit.run import HOST_NETNS, AuditResult, audit, inspection_error
 from auditd.config import (
     DEFAULT_CONFIG_PATH,
     ConfigError,
@@ -20,8 +22,11 @@ from auditd.config import (
     load_rules_or_default,
     parse_duration,
 )
-from auditd.errors import AuditdError
-from auditd.kernel import KernelSource, LocalKernel
+from auditd.errors import AuditdError, NamespaceGone
+from auditd.kernel import KernelSource, LocalKernel, NamespaceKernel
+from auditd.kernel.inspect import SocketInspector
+from auditd.kernel.limits import Problems, netns_note, observe
+from auditd.kernel.netns import enumerate_namespaces
 from auditd.model import Severity
 
 EXIT_OK = 0
@@ -43,12 +48,26 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+NETNS_CHOICES = ("self", "all")
+NETNS_HELP = (
+    "network namespaces to audit: self (the one it runs in, the default) or all (every "
+    "namespace of the host; needs CAP_SYS_ADMIN)"
+)
+
+
+INSPECT_HELP = (
+    "read each socket's exact SO_KEEPALIVE, TCP_KEEPIDLE/KEEPINTVL/KEEPCNT and "
+    "TCP_USER_TIMEOUT through a duplicate of its owner's fd (pidfd_getfd: needs "
+    "CAP_SYS_PTRACE and Linux 5.6+; without them the audit infers as usual)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Find TCP connections at risk of going half-open.")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    a = sub.add_parser("audit", help="audit the current network namespace once")
+    a = sub.add_parser("audit", help="audit the current network namespace (or all) once")
     default_help = f"rules file (default: {DEFAULT_CONFIG_PATH} if present, else built-in)"
     a.add_argument("--config", metavar="FILE", help=default_help)
     a.add_argument("--format", choices=("table", "json"), default="table")
@@ -58,9 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="critical",
         help="exit 1 when a finding is at least this severe (default: critical)",
     )
+    a.add_argument("--netns", choices=NETNS_CHOICES, default="self", help=NETNS_HELP)
+    a.add_argument("--inspect-sockets", action="store_true", help=INSPECT_HELP)
 
     e = sub.add_parser("explain", help="show the arithmetic behind the detection times")
     e.add_argument("--config", metavar="FILE")
+    e.add_argument("--netns", choices=NETNS_CHOICES, default="self", help=NETNS_HELP)
 
     c = sub.add_parser("check-config", help="validate a rules file")
     c.add_argument("file", metavar="FILE")
@@ -87,11 +109,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="path of the metrics (default /metrics)",
     )
     r.add_argument(
+        "--web.config.file",
+        dest="web_config_file",
+        metavar="FILE",
+        help="TLS and basic auth for the endpoint, exporter-toolkit format (reloaded on SIGHUP)",
+    )
+    r.add_argument(
         "--audit.interval",
         dest="interval",
         default="30s",
         metavar="DURATION",
         help="time between audits, e.g. 30s, 1m (default 30s)",
+    )
+    r.add_argument(
+        "--audit.netns",
+        dest="netns",
+        choices=NETNS_CHOICES,
+        default="self",
+        help=NETNS_HELP,
+    )
+    r.add_argument(
+        "--audit.inspect-sockets", dest="inspect_sockets", action="store_true", help=INSPECT_HELP
     )
     r.add_argument(
         "--log.level", dest="log_level", default="info", choices=("debug", "info", "warn", "error")
@@ -109,6 +147,18 @@ def local_sources() -> list[tuple[str, KernelSource]]:
     return [(HOST_NETNS, LocalKernel())]
 
 
+def all_sources() -> list[tuple[str, KernelSource]]:
+    """Every network namespace of the host (``--netns all``), named for people: the agent's
+    own through LocalKernel, each other one entered from a thread of its own."""
+    return [
+        (ref.name, LocalKernel() if ref.host else NamespaceKernel(ref))
+        for ref in enumerate_namespaces()
+    ]
+
+
+NETNS_SOURCES: dict[str, Sources] = {"self": local_sources, "all": all_sources}
+
+
 def _load(path: str | None) -> RuleSet:
     return load_rules_or_default(path)
 
@@ -124,9 +174,17 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from auditd import report
 
     rules = _load(args.config)
-    result = audit(rules, args.sources())
+    problems = Problems()
+    inspector = SocketInspector() if args.inspect_sockets else None
+    result = audit(rules, observe(args.sources(), problems), inspector=inspector)
     out = report.to_json(result) + "\n" if args.format == "json" else report.to_table(result)
     sys.stdout.write(out)
+    sys.stdout.flush()
+    notes = [*problems.by_stage.values(), netns_note(result.skipped_namespaces)]
+    notes.append(inspection_error(result.namespaces))  # once, not per namespace
+    for message in notes:  # what the audit could only partly read, once each
+        if message is not None:
+            _say(f"{PROG}: note: {message}")
     return _exit_code(result, args.fail_on)
 
 
@@ -135,9 +193,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from auditd.audit.run import audit_namespace
 
     rules = _load(args.config)
-    name, source = args.sources()[0]
-    ns, _ = audit_namespace(rules, source, name)
-    sys.stdout.write(report.explain(rules, ns))
+    parts = []
+    for name, source in args.sources():
+        try:
+            ns, _ = audit_namespace(rules, source, name)
+        except NamespaceGone as exc:
+            parts.append(f"netns {name}: skipped: {exc}\n")
+            continue
+        parts.append(report.explain(rules, ns))
+    sys.stdout.write("\n".join(parts))
     return EXIT_OK
 
 
@@ -167,7 +231,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(f"--web.listen-address: {exc}") from None
     log = logs.setup(args.log_level, args.log_format)
-    options = DaemonOptions(args.config_file, interval, args.listen, args.telemetry_path)
+    options = DaemonOptions(
+        args.config_file, interval, args.listen, args.telemetry_path, args.web_config_file,
+        inspect_sockets=args.inspect_sockets,
+    )  # fmt: skip
     daemon = Daemon(options, args.sources, log)
     daemon.install_signals()  # first: a SIGHUP during start-up must not kill the process
     daemon.load_initial_config()
@@ -183,25 +250,54 @@ COMMANDS = {
 }
 
 
-def main(argv: Sequence[str] | None = None, sources: Sources = local_sources) -> int:
+def main(argv: Sequence[str] | None = None, sources: Sources | None = None) -> int:
+    """``sources`` replaces the namespaces --netns would pick (tests hand in fakes)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.sources = sources
+    args.sources = sources or NETNS_SOURCES[getattr(args, "netns", "self")]
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, UsageError) as exc:
-        sys.stderr.write(f"{PROG}: {exc}\n")
+        _say(f"{PROG}: {exc}")
         return EXIT_USAGE
     except AuditdError as exc:
-        sys.stderr.write(f"{PROG}: {exc}\n")
+        _say(f"{PROG}: {exc}")
         return EXIT_KERNEL
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
+        _drop_stdout()
         return EXIT_OK
+    except OSError as exc:  # stdout on a full disk, or an error no layer translated
+        _drop_stdout()
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+            _say(f"{PROG}: cannot write output: {exc.strerror}")
+            return EXIT_USAGE
+        _say(f"{PROG}: {exc.strerror or exc}")
+        return EXIT_KERNEL
+
+
+def _say(line: str) -> None:
+    """One line on stderr; a stderr that cannot be written (full disk) loses it, no more."""
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so the exit-time flush of what is left does not fail too
+    (Python would print "Exception ignored" and exit 120)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real stdout (tests capture it)
+        pass
 
 
 def entry() -> None:

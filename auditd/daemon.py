@@ -4,6 +4,9 @@ Threads: the main thread handles signals, reloads and the systemd watchdog; one 
 audits every interval; the HTTP server answers scrapes from the last rendered exposition,
 so a scrape never waits for a dump. Nothing but a signal stops the daemon: every audit
 error is logged (once while it repeats), counted by stage, and the next cycle tries again.
+The same holds for what an audit could only partly read (sysctls, counters, a dump cut
+short, owners it may not look up), a listen address that cannot be bound yet (retried every
+``listen_retry`` seconds while the audits go on) and log lines the disk refuses.
 """
 
 from __future__ import annotations
@@ -16,17 +19,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from types import FrameType
 
-from auditd import __version__
-from auditd.audit.run import AuditResult, audit
+from auditd import __version__, logs
+from auditd.audit.run import AuditResult, audit, inspection_error
 from auditd.config import ConfigError, RuleSet, load_rules, load_rules_or_default
 from auditd.errors import AuditdError, KernelError
 from auditd.exporter import ExporterState
 from auditd.http import MetricsServer
-from auditd.kernel import KernelSource
+from auditd.kernel import KernelSource, LocalKernel, NamespaceKernel, OwnerCache
+from auditd.kernel.inspect import SocketInspector
+from auditd.kernel.limits import Problems, observe
 from auditd.model import Finding, Severity
 from auditd.notify import Notifier, watchdog_interval
+from auditd.webconfig import WebConfig, load_web_config
 
 Sources = Callable[[], list[tuple[str, KernelSource]]]
+
+# Error stages of an audit, cleared ("audit recovered") by the first audit without them.
+AUDIT_STAGES = ("dump", "netns", "internal", "sysctls", "counters", "attribution")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +44,9 @@ class DaemonOptions:
     interval: float = 30.0
     listen: str = ":9977"
     telemetry_path: str = "/metrics"
+    web_config_path: str | None = None  # --web.config.file: TLS and basic auth
+    listen_retry: float = 5.0  # most seconds between attempts to bind a busy listen address
+    inspect_sockets: bool = False  # --audit.inspect-sockets: exact keepalive options
 
 
 def summary(result: AuditResult) -> str:
@@ -42,8 +54,9 @@ def summary(result: AuditResult) -> str:
     sev = {s: 0 for s in Severity}
     for f in result.findings:
         sev[f.severity] += 1
+    skipped = f" ({len(result.skipped_namespaces)} skipped)" if result.skipped_namespaces else ""
     return (
-        f"audited {sockets} sockets in {len(result.namespaces)} netns in "
+        f"audited {sockets} sockets in {len(result.namespaces)} netns{skipped} in "
         f"{result.duration_seconds:.2f}s: {sev[Severity.CRITICAL]} critical, "
         f"{sev[Severity.WARNING]} warning, {sev[Severity.INFO]} info findings"
     )
@@ -83,10 +96,14 @@ class Daemon:
         self.open: dict[tuple[str | None, ...], Finding] = {}
         self.last_cycle = time.monotonic()
         self.audits = 0
-        self._last_error: str | None = None
+        self._failing: dict[str, str] = {}  # stage -> the error last logged for it
         self._config_existed = False
         self._ready_sent = False
         self.server: MetricsServer | None = None
+        self.web = WebConfig()
+        self.owner_caches: dict[str, OwnerCache] = {}
+        self._skipped: set[str] = set()  # namespaces skipped by the last audit
+        self._inspection_error: str | None = None
 
     # -- state -------------------------------------------------------------------------
     def get_state(self) -> ExporterState:
@@ -106,6 +123,8 @@ class Daemon:
     def load_initial_config(self) -> RuleSet:
         """Raises ConfigError: at start there is no previous good config to fall back to."""
         rules = load_rules_or_default(self.options.config_path)
+        if self.options.web_config_path is not None:
+            self.web = load_web_config(self.options.web_config_path)
         self._config_existed = rules.source != "<built-in>"
         self._update(rules=rules, reload_ok=True, reload_success_time=self.clock())
         self.log.info("rules loaded", extra={"source": rules.source, "rules": len(rules.rules)})
@@ -119,13 +138,19 @@ class Daemon:
                 rules = load_rules(path)
             else:
                 rules = load_rules_or_default(self.options.config_path)
+            web = self.web
+            if self.options.web_config_path is not None:
+                web = load_web_config(self.options.web_config_path)
         except ConfigError as exc:
-            self._count_error("config")
+            # Every SIGHUP gets its answer in the log, even the same error twice in a row.
+            self._fail("config", str(exc), "reload failed, keeping the previous rules", once=False)
             self._update(reload_ok=False)
-            self.log.error("reload failed, keeping the previous rules", extra={"error": str(exc)})
             self.notifier.ready(f"reload failed: {exc}")
             return False
         self._config_existed = rules.source != "<built-in>"
+        self.web = web
+        if self.server is not None:
+            self.server.web = web
         self._update(rules=rules, reload_ok=True, reload_success_time=self.clock())
         self.log.info("rules reloaded", extra={"source": rules.source, "rules": len(rules.rules)})
         self.wake.set()
@@ -137,7 +162,11 @@ class Daemon:
         rules = self.state.rules
         started = self.clock()
         try:
-            result = audit(rules, self.sources(), clock=self.clock)
+            problems = Problems()
+            inspector = SocketInspector() if self.options.inspect_sockets else None
+            result = audit(
+                rules, observe(self._sources(), problems), clock=self.clock, inspector=inspector
+            )
         except KernelError as exc:
             self._fail("dump", str(exc))
             return None
@@ -147,9 +176,9 @@ class Daemon:
         except Exception as exc:  # a bug must not kill the agent; count it and go on
             self._fail("internal", f"{type(exc).__name__}: {exc}")
             return None
-        if self._last_error is not None:
-            self.log.info("audit recovered", extra={"after": self._last_error})
-            self._last_error = None
+        self._settle(problems)
+        self._count_skipped(result)
+        self._note_inspection(inspection_error(result.namespaces))
         self._update(result=result, last_success=started)
         self.audits += 1
         try:
@@ -159,11 +188,59 @@ class Daemon:
             self._fail("internal", f"{type(exc).__name__}: {exc}")
         return result
 
-    def _fail(self, stage: str, message: str) -> None:
+    def _note_inspection(self, error: str | None) -> None:
+        """Socket inspection off (no CAP_SYS_PTRACE, old kernel): logged when that starts."""
+        if error is not None and error != self._inspection_error:
+            self.log.warning("socket inspection off, keepalive inferred", extra={"error": error})
+        elif error is None and self._inspection_error is not None:
+            self.log.info("socket inspection working again")
+        self._inspection_error = error
+
+    def _count_skipped(self, result: AuditResult) -> None:
+        """Each namespace skipped (gone or refused) counts as a netns error; it is logged when
+        it starts being skipped, not every cycle (containers come and go all day)."""
+        skipped = dict(result.skipped_namespaces)
+        for name, reason in skipped.items():
+            self._count_error("netns")
+            if name not in self._skipped:
+                self.log.info("namespace skipped", extra={"netns": name, "reason": reason})
+        self._skipped = set(skipped)
+
+    def _sources(self) -> list[tuple[str, KernelSource]]:
+        """This cycle's namespaces, each with the owner cache its namespace had last cycle:
+        attribution re-checks known owners and resumes an unfinished /proc scan."""
+        sources = self.sources()
+        caches: dict[str, OwnerCache] = {}
+        for name, source in sources:
+            if isinstance(source, (LocalKernel, NamespaceKernel)) and source.owner_cache is None:
+                cache = self.owner_caches.get(name)  # (an empty cache is falsy: no `or`)
+                source.owner_cache = cache if cache is not None else OwnerCache()
+                caches[name] = source.owner_cache
+        self.owner_caches = caches  # namespaces gone since take their caches with them
+        return sources
+
+    def _fail(
+        self, stage: str, message: str, event: str = "audit failed", *, once: bool = True
+    ) -> None:
+        """Count an error of ``stage``; log it unless it is the one last logged for the stage."""
         self._count_error(stage)
-        if message != self._last_error:  # log once while the same error repeats
-            self.log.error("audit failed", extra={"stage": stage, "error": message})
-            self._last_error = message
+        if not once or self._failing.get(stage) != message:
+            self.log.error(event, extra={"stage": stage, "error": message})
+        self._failing[stage] = message
+
+    def _settle(self, problems: Problems) -> None:
+        """After an audit that ran: count what it could only partly read, log what is new,
+        and say which errors are over."""
+        for stage, message in problems.by_stage.items():
+            self._fail(stage, message, "audit incomplete")
+        for stage in AUDIT_STAGES:
+            last = self._failing.get(stage)
+            if last is not None and stage not in problems.by_stage:
+                del self._failing[stage]
+                self.log.info("audit recovered", extra={"stage": stage, "after": last})
+        dropped = logs.dropped_lines(self.log)
+        if dropped != self.state.errors.get("log", 0):
+            self._update(errors={**self.state.errors, "log": dropped})
 
     def _log_changes(self, result: AuditResult) -> None:
         current = {f.key: f for f in result.findings}
@@ -215,17 +292,36 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
 
-    def serve(self) -> None:
-        """Runs until SIGTERM/SIGINT. Raises AuditdError if the listen address is unusable."""
-        self.server = MetricsServer(
-            self.options.listen, self.options.telemetry_path, self.get_state, self.log
-        )
-        self.server.start()
+    @property
+    def _retry(self) -> float:
+        return min(self.options.listen_retry, self.options.interval)
+
+    def _listen(self) -> bool:
+        """Try to bind the metrics address; a failure is counted and logged once."""
+        assert self.server is not None
+        try:
+            self.server.start()
+        except AuditdError as exc:
+            self._fail("http", f"{exc}; retrying every {self._retry:g}s", "cannot serve metrics")
+            return False
+        self._failing.pop("http", None)
         self.log.info(
             "listening",
             extra={"address": self.server.address_text, "path": self.options.telemetry_path,
+                   "scheme": self.server.scheme, "auth": bool(self.web.users),
                    "version": __version__, "interval": self.options.interval},
         )  # fmt: skip
+        return True
+
+    def serve(self) -> None:
+        """Runs until SIGTERM/SIGINT. A listen address that cannot be bound (port taken, IP
+        not configured yet) does not stop the audits: binding is retried every audit interval,
+        at most ``listen_retry`` seconds apart."""
+        self.server = MetricsServer(
+            self.options.listen, self.options.telemetry_path, self.get_state, self.log, self.web
+        )
+        listening = self._listen()
+        next_try = time.monotonic() + self._retry
         worker = threading.Thread(target=self._audit_loop, name="audit", daemon=True)
         worker.start()
         tick = watchdog_interval()
@@ -236,6 +332,9 @@ class Daemon:
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()
+            if not listening and time.monotonic() >= next_try:
+                listening = self._listen()
+                next_try = time.monotonic() + self._retry
             if tick and time.monotonic() - last_ping >= tick and self.healthy():
                 self.notifier.watchdog()
                 last_ping = time.monotonic()

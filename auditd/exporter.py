@@ -26,7 +26,9 @@ from auditd.config import RuleSet
 from auditd.kernel.sockdiag import DEFAULT_STATES
 from auditd.model import FindingKind, Keepalive, Severity, TcpState
 
-ERROR_STAGES = ("dump", "sysctls", "counters", "attribution", "netns", "config", "internal")
+ERROR_STAGES = (
+    "dump", "sysctls", "counters", "attribution", "netns", "config", "http", "log", "internal",
+)  # fmt: skip
 
 AS_OF = "As of the last audit."
 
@@ -108,7 +110,7 @@ def _audit_meta(state: ExporterState) -> Iterator[Metric]:
     err = CounterMetricFamily(
         "keepalive_audit_errors",
         "Audit errors since the agent started, by stage (dump, sysctls, counters, "
-        "attribution, netns, config, internal).",
+        "attribution, netns, config, http, log, internal).",
         labels=["stage"],
     )
     for stage in sorted(set(ERROR_STAGES) | set(state.errors)):
@@ -194,6 +196,28 @@ def _namespaces(result: AuditResult) -> Iterator[Metric]:
     yield probes
     yield aborts
     yield idle
+    yield from _namespace_set(result)
+
+
+def _namespace_set(result: AuditResult) -> Iterator[Metric]:
+    """How many namespaces were audited, and where each one's sysctls are not the host's."""
+    count = GaugeMetricFamily(
+        "keepalive_namespaces",
+        "Network namespaces audited (--audit.netns); those skipped because they vanished or "
+        f'could not be entered count in keepalive_audit_errors_total{{stage="netns"}}. {AS_OF}',
+    )
+    count.add_metric([], len(result.namespaces))
+    yield count
+    differs = GaugeMetricFamily(
+        "keepalive_sysctl_differs_from_host",
+        "1 if the namespace's sysctl has another value than the host's (a new netns starts at "
+        f"the kernel defaults: the host's tuning is not inherited), else 0. {AS_OF}",
+        labels=["netns", "sysctl"],
+    )
+    for ns in result.namespaces:
+        for name in sorted(ns.sysctls.values):
+            differs.add_metric([ns.netns, name], 1 if name in ns.differs_from_host else 0)
+    yield differs
 
 
 def _findings(result: AuditResult, rules: RuleSet) -> Iterator[Metric]:

@@ -109,6 +109,7 @@ class FindingKind:
     CLOSE_WAIT = "close_wait"
     DETECTION_BUDGET = "detection_budget"
     SYSCTL = "sysctl"
+    USER_TIMEOUT_TOO_SHORT = "user_timeout_too_short"
     ALL = (
         "idle_no_keepalive",
         "keepalive_too_slow",
@@ -117,6 +118,7 @@ class FindingKind:
         "close_wait",
         "detection_budget",
         "sysctl",
+        "user_timeout_too_short",
     )
 
 
@@ -260,6 +262,23 @@ class ProcessInfo:
     pid: int
     name: str
     cmdline: str = ""
+    unit: str | None = None  # systemd unit (service or scope) from /proc/PID/cgroup
+    container: str | None = None  # container id, 12 hex digits, from /proc/PID/cgroup
+
+
+class SocketOptions(NamedTuple):
+    """A socket's own keepalive settings, read with getsockopt on a duplicate of its fd.
+
+    The kernel answers TCP_KEEPIDLE/KEEPINTVL/KEEPCNT with the socket's value if it set one,
+    else the namespace sysctl (keepalive_time_when() and friends in include/net/tcp.h): these
+    are the values its timer uses. ``user_timeout_ms`` 0 means TCP_USER_TIMEOUT is not set.
+    """
+
+    keepalive: bool  # SO_KEEPALIVE
+    idle: int  # TCP_KEEPIDLE, seconds
+    intvl: int  # TCP_KEEPINTVL, seconds
+    cnt: int  # TCP_KEEPCNT
+    user_timeout_ms: int = 0  # TCP_USER_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +286,12 @@ class Sysctls:
     """The TCP sysctls of one network namespace; ``None`` where the file does not exist."""
 
     values: dict[str, int] = field(default_factory=dict)
+    # Local middleboxes of the namespace: state, not tuning, so not in ``values`` (which the
+    # report compares with the host's). nf_conntrack_count, None without conntrack; the IPVS
+    # TCP idle timeout and the (16-byte address, port) of its TCP virtual services.
+    conntrack_entries: int | None = None
+    ipvs_tcp_timeout: int | None = None
+    ipvs_services: frozenset[tuple[bytes, int]] = frozenset()
 
     def get(self, name: str) -> int | None:
         return self.values.get(name)
@@ -291,6 +316,15 @@ class Sysctls:
     def rto_max_ms(self) -> int:
         """``tcp_rto_max_ms`` on kernels that have it, else the compiled TCP_RTO_MAX."""
         return self.values.get("net.ipv4.tcp_rto_max_ms", 120000)
+
+    @property
+    def conntrack_timeout(self) -> int | None:
+        """Idle timeout of an established flow in this namespace's conntrack, when conntrack
+        tracks anything here (nf_conntrack_count > 0: netfilter registers its hooks in a
+        namespace only once a rule needs them); else None."""
+        if not self.conntrack_entries:
+            return None
+        return self.values.get("net.netfilter.nf_conntrack_tcp_timeout_established")
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,6 +355,9 @@ class Finding:
     abort_in_seconds: float | None = None
     pid: int | None = None
     process: str | None = None
+    cmdline: str | None = None  # cut short (auditd.kernel.procs.CMDLINE_MAX)
+    unit: str | None = None
+    container: str | None = None
     inode: int | None = None
     sysctl: str | None = None
     value: float | None = None  # the sysctl's value, or the detection time in seconds

@@ -44,6 +44,9 @@ def finding_dict(f: Finding) -> dict[str, Any]:
         "abort_in_seconds": f.abort_in_seconds,
         "pid": f.pid,
         "process": f.process,
+        "cmdline": f.cmdline,
+        "unit": f.unit,
+        "container": f.container,
         "inode": f.inode,
         "sysctl": f.sysctl,
         "value": f.value,
@@ -67,6 +70,7 @@ def namespace_dict(ns: NamespaceReport) -> dict[str, Any]:
         "netns": ns.netns,
         "inode": ns.inode,
         "sysctls": dict(sorted(ns.sysctls.values.items())),
+        "differs_from_host": list(ns.differs_from_host),
         "detection": {
             "idle_seconds": ns.detection_idle_seconds,
             "in_flight_seconds": ns.detection_in_flight_seconds,
@@ -93,6 +97,13 @@ def namespace_dict(ns: NamespaceReport) -> dict[str, Any]:
             "found": ns.attribution_found,
             "complete": ns.attribution_complete,
         },
+        "inspection": None
+        if ns.inspection is None
+        else {
+            "wanted": ns.inspection.wanted,
+            "read": ns.inspection.read,
+            "error": ns.inspection.error,
+        },
     }
 
 
@@ -102,6 +113,9 @@ def to_json(result: AuditResult) -> str:
         "generated_at": rfc3339(result.generated_at),
         "duration_seconds": round(result.duration_seconds, 6),
         "namespaces": [namespace_dict(ns) for ns in result.namespaces],
+        "skipped_namespaces": [
+            {"netns": name, "reason": reason} for name, reason in result.skipped_namespaces
+        ],
         "findings": [finding_dict(f) for f in result.findings],
     }
     return json.dumps(doc, indent=2, ensure_ascii=False)
@@ -134,6 +148,16 @@ def _row(f: Finding) -> tuple[str, ...]:
     )  # fmt: skip
 
 
+def _owner(f: Finding) -> str:
+    """``pid 4102 redis-server, unit redis.service, container 0123456789ab: <cmdline>``."""
+    text = f"pid {f.pid} {f.process}"
+    if f.unit:
+        text += f", unit {f.unit}"
+    if f.container:
+        text += f", container {f.container}"
+    return f"{text}: {f.cmdline}" if f.cmdline else text
+
+
 def to_table(result: AuditResult) -> str:
     lines: list[str] = []
     for ns in result.namespaces:
@@ -144,6 +168,18 @@ def to_table(result: AuditResult) -> str:
             f"{ka['off']}, unknown {ka['unknown']}); dead peer noticed after "
             f"{ns.detection_idle_seconds:g} s idle, {ns.detection_in_flight_seconds:g} s in flight"
         )
+        if ns.differs_from_host:
+            names = ", ".join(name.rsplit(".", 1)[-1] for name in ns.differs_from_host)
+            lines.append(f"  sysctls not as on the host: {names}")
+        seen = ns.inspection
+        if seen is not None:
+            lines.append(
+                f"  socket inspection: {seen.error}"
+                if seen.error
+                else f"  socket inspection: options read from {seen.read} of {seen.wanted} sockets"
+            )
+    for name, reason in result.skipped_namespaces:
+        lines.append(f"netns {name}: skipped: {reason}")
     if not result.findings:
         lines.append("no findings")
         return "\n".join(lines) + "\n"
@@ -155,6 +191,8 @@ def to_table(result: AuditResult) -> str:
         if f is not None:
             lines.append(f"    why: {f.message}")
             lines.append(f"    fix: {f.hint}")
+            if f.pid is not None:
+                lines.append(f"    who: {_owner(f)}")
         del i
     by_sev: dict[str, int] = {}
     for f in result.findings:

@@ -19,6 +19,9 @@ Then, alternating in each round:
 - ss: ``ss -tinoe state established`` printing every socket (to /dev/null);
 - cli: ``python -m auditd audit --format json`` and ``ss`` as whole processes.
 
+With ``--inspect-sockets`` the audit (and the CLI) read every keepalive-on socket's options
+through ``pidfd_getfd``, and the report adds the time spent inspecting.
+
 Prints medians and the ratios the targets are written in. Traffic stays on 127.0.0.0/8.
 """
 
@@ -191,7 +194,24 @@ class _TimedKernel:
             self.owners_wanted += len(inodes)
 
 
-def child_audit(rules_file: str) -> dict[str, Any]:
+class _TimedInspector:
+    """SocketInspector with the time spent reading socket options recorded."""
+
+    def __init__(self) -> None:
+        from auditd.kernel.inspect import SocketInspector
+
+        self.inner = SocketInspector()
+        self.seconds = 0.0
+
+    def inspect(self, targets: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return self.inner.inspect(targets)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+def child_audit(rules_file: str, inspect: bool = False) -> dict[str, Any]:
     from prometheus_client import generate_latest
 
     from auditd.audit.run import audit
@@ -200,8 +220,9 @@ def child_audit(rules_file: str) -> dict[str, Any]:
 
     rules = load_rules(rules_file)
     kernel = _TimedKernel()
+    inspector = _TimedInspector() if inspect else None
     t0, c0 = time.perf_counter(), time.process_time()
-    result = audit(rules, [("host", kernel)])  # type: ignore[list-item]
+    result = audit(rules, [("host", kernel)], inspector=inspector)  # type: ignore[list-item,arg-type]
     state = ExporterState(result=result, rules=rules, last_success=time.time())
     body = generate_latest(make_registry(lambda: state))
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -218,6 +239,10 @@ def child_audit(rules_file: str) -> dict[str, Any]:
         "attributed": sum(1 for f in result.findings if f.pid is not None),
         "attribution_seconds": kernel.owners_seconds,
         "attribution_wanted": kernel.owners_wanted,
+        "attribution_found": ns.attribution_found,
+        "inspection_seconds": inspector.seconds if inspector is not None else 0.0,
+        "inspected": ns.inspection.read if ns.inspection is not None else 0,
+        "inspection_error": ns.inspection.error if ns.inspection is not None else None,
         "metrics_bytes": len(body),
     }
 
@@ -350,6 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--idle-timeout", default="1h",
                    help="idle_timeout of the rules used (default 1h, see above)")  # fmt: skip
+    p.add_argument("--inspect-sockets", action="store_true",
+                   help="audit with socket inspection, as audit --inspect-sockets")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)  # fmt: skip
@@ -359,7 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if kind == "holder":
             holder_main(int(args.child[1]), int(args.child[2]), int(args.child[3]))
             return 0
-        out = child_floor() if kind == "floor" else child_audit(args.child[1])
+        inspect = len(args.child) > 2 and args.child[2] == "inspect"
+        out = child_floor() if kind == "floor" else child_audit(args.child[1], inspect)
         print(json.dumps(out))
         return 0
     if args.sockets < 2 or args.rounds < 1:
@@ -393,9 +421,13 @@ def _measure(
     ss_cmd = ["ss", "-tinoe", "state", "established"]
     cli_cmd = [sys.executable, "-m", "auditd", "audit", "--format", "json",
                "--config", rules_file]  # fmt: skip
+    audit_args = ["audit", rules_file]
+    if args.inspect_sockets:
+        cli_cmd.append("--inspect-sockets")
+        audit_args.append("inspect")
     for _ in range(args.rounds):
         floor.append(run_child("floor"))
-        audits.append(run_child("audit", rules_file))
+        audits.append(run_child(*audit_args))
         ss.append(run_process(ss_cmd))
         cli.append(run_process(cli_cmd))
     last = audits[-1]
@@ -411,6 +443,11 @@ def _measure(
         "audit_cpu_s": _median(audits, "cpu"),
         "audit_peak_rss_mb": max(a["maxrss_mb"] for a in audits),
         "attribution_s": _median(audits, "attribution_seconds"),
+        "attribution_wanted": last["attribution_wanted"],
+        "attribution_found": last["attribution_found"],
+        "inspection_s": _median(audits, "inspection_seconds"),
+        "inspected": last["inspected"],
+        "inspection_error": last["inspection_error"],
         "ss_wall_s": _median(ss, "wall"),
         "ss_cpu_s": _median(ss, "cpu"),
         "cli_process_wall_s": _median(cli, "wall"),
@@ -451,7 +488,11 @@ def print_report(r: dict[str, Any]) -> None:
     print(f"{'raw dump (floor)':28}{r['floor_wall_s']:9.3f}")
     print(f"{'audit cycle':28}{r['audit_wall_s']:9.3f}{r['audit_cpu_s']:9.3f}"
           f"{r['audit_peak_rss_mb']:9.1f}")  # fmt: skip
-    print(f"{'  of which attribution':28}{r['attribution_s']:9.3f}")
+    print(f"{'  of which attribution':28}{r['attribution_s']:9.3f}"
+          f"   ({r['attribution_found']} of {r['attribution_wanted']} owners found)")  # fmt: skip
+    if r["inspected"] or r["inspection_error"]:
+        print(f"{'  of which inspection':28}{r['inspection_s']:9.3f}   ({r['inspected']} sockets"
+              f" read{': ' + r['inspection_error'] if r['inspection_error'] else ''})")  # fmt: skip
     print(f"{'ss -tinoe (process)':28}{r['ss_wall_s']:9.3f}{r['ss_cpu_s']:9.3f}")
     print(f"{'audit --format json (proc)':28}{r['cli_process_wall_s']:9.3f}"
           f"{r['cli_process_cpu_s']:9.3f}{r['cli_process_peak_rss_mb']:9.1f}")  # fmt: skip

@@ -16,6 +16,7 @@ from auditd.audit.evaluate import (
     detection_times,
     loosest,
     matches,
+    middlebox_cap,
     select_rule,
     socket_findings,
     sysctl_findings,
@@ -29,6 +30,7 @@ from auditd.model import (
     ProcessInfo,
     Severity,
     Sock,
+    SocketOptions,
     Sysctls,
     TcpState,
 )
@@ -568,3 +570,172 @@ def test_could_flag_never_drops_a_flagged_socket(
     flagged = socket_findings(rules, sock, process, sysctls(), NS)
     if flagged:
         assert could_flag(sock, loosest(rules)), flagged
+
+
+# --- the socket's own options (socket inspection) ----------------------------------------------
+
+BUSY = make_sock(timer=1, retrans=1, unacked=1, idle_s=5)  # data in flight: keepalive hidden
+SLOW = SocketOptions(True, 7200, 75, 9)
+
+
+def with_options(sock: Sock, options: SocketOptions, rules: RuleSet = DEFAULTS,
+                 s: Sysctls | None = None,
+                 process: ProcessInfo | None = None) -> list[Finding]:  # fmt: skip
+    return socket_findings(rules, sock, process, s or sysctls(), NS, options)
+
+
+def test_too_slow_from_the_socket_own_keepidle_even_while_busy() -> None:
+    assert findings(BUSY) == []  # inferred: unknown, nothing to say
+    (f,) = with_options(BUSY, SLOW)
+    assert (f.kind, f.keepalive) == ("keepalive_too_slow", "on")
+    assert "its first probe comes 7200 s after the last segment received" in f.message
+    assert "namespace default" in f.message and "sysctl -w net.ipv4.tcp_keepalive_time" in f.hint
+    (own,) = with_options(BUSY, SocketOptions(True, 3600, 75, 9), process=PG)
+    assert "TCP_KEEPIDLE the socket sets itself" in own.message
+    assert "sysctl -w" not in own.hint and "PostgreSQL: tcp_keepalives_idle" in own.hint
+    assert with_options(BUSY, SocketOptions(True, 300, 30, 5)) == []  # fits 350 s
+
+
+def test_exact_keepidle_beats_the_timer_bound() -> None:
+    # Timer bound 400 s (keepalive enabled after the last segment): inferred too slow...
+    sock = make_sock(timer=2, expires_ms=390_000, idle_s=10)
+    assert kinds(findings(sock)) == [("keepalive_too_slow", "warning")]
+    # ...but the socket's TCP_KEEPIDLE is 300 s: fine.
+    assert with_options(sock, SocketOptions(True, 300, 30, 5)) == []
+
+
+def test_keepalive_off_read_from_the_socket() -> None:
+    idle_busy = make_sock(timer=5, idle_s=400)  # delayed-ACK timer: status hidden, really off
+    assert findings(idle_busy) == []
+    assert kinds(with_options(idle_busy, SocketOptions(False, 7200, 75, 9))) == [
+        ("idle_no_keepalive", "critical")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (SocketOptions(True, 600, 30, 5, 45_000), 1),  # the incident
+        (SocketOptions(True, 600, 30, 5, 660_000), 2),
+        (SocketOptions(True, 600, 30, 5, 749_999), 5),  # 5 probes, still short of 750 s
+        (SocketOptions(True, 600, 30, 5, 750_000), None),  # enough for every probe
+        (SocketOptions(True, 600, 30, 5, 0), None),  # not set
+        (SocketOptions(False, 600, 30, 5, 45_000), None),  # no keepalive: nothing to cut short
+    ],
+)
+def test_user_timeout_too_short(options: SocketOptions, expected: int | None) -> None:
+    sock = make_sock(timer=2, expires_ms=100_000, idle_s=10)
+    found = [f for f in with_options(sock, options, ruleset(defaults=Thresholds(
+        idle_timeout=3600)))if f.kind == "user_timeout_too_short"]  # fmt: skip
+    if expected is None:
+        assert found == []
+        return
+    (f,) = found
+    assert f.severity == Severity.WARNING
+    assert f"after {expected} unanswered keepalive probe(s)" in f.message
+    assert f.hint.startswith("set TCP_USER_TIMEOUT to at least 750000 ms (keepidle 600 + "
+                             "keepcnt 5 × keepintvl 30 = 750 s)")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("process", "port", "knob"),
+    [
+        ("postgres", 0, "PostgreSQL: tcp_user_timeout in postgresql.conf"),
+        ("python3", 5432, "libpq: tcp_user_timeout=<ms> in the connection string"),
+        ("haproxy", 0, "HAProxy: tcp-ut <delay>"),
+        ("redis-server", 0, "setsockopt(IPPROTO_TCP, TCP_USER_TIMEOUT, ms)"),  # no knob
+    ],
+)
+def test_user_timeout_hint_names_the_application(process: str, port: int, knob: str) -> None:
+    sock = make_sock(timer=2, expires_ms=100_000, idle_s=10, dport=port or 40000)
+    found = with_options(sock, SocketOptions(True, 300, 30, 5, 20_000),
+                         process=ProcessInfo(1, process))  # fmt: skip
+    (f,) = [f for f in found if f.kind == "user_timeout_too_short"]
+    assert knob in f.hint
+
+
+def test_probing_with_a_user_timeout_says_so() -> None:
+    sock = make_sock(timer=2, retrans=1, expires_ms=30_000, idle_s=600)
+    found = with_options(sock, SocketOptions(True, 600, 30, 5, 700_000))
+    assert [f.kind for f in found] == ["keepalive_probing", "user_timeout_too_short"]
+    f = found[0]
+    assert f.abort_in_seconds == 120
+    assert "TCP_USER_TIMEOUT 700 s, probes every 30 s" in f.message
+
+
+# --- local middleboxes: the namespace's conntrack and IPVS -------------------------------------
+
+CT = Sysctls({**sysctls().values, "net.netfilter.nf_conntrack_tcp_timeout_established": 300},
+             conntrack_entries=12)  # fmt: skip
+VIP = ipaddress.ip_address("10.96.0.10").packed.ljust(16, b"\0")
+IPVS = Sysctls(sysctls().values, ipvs_tcp_timeout=900, ipvs_services=frozenset({(VIP, 80)}))
+
+
+def test_conntrack_tighter_than_the_rule() -> None:
+    sock = make_sock(idle_s=320)  # under 350 s, over conntrack's 300 s
+    assert kinds(findings(sock)) == [("idle_no_keepalive", "warning")]
+    (f,) = findings(sock, s=CT)
+    assert f.severity == Severity.CRITICAL
+    assert "path idle timeout 300 s: this namespace's conntrack (net.netfilter." in f.message
+    assert "this namespace's conntrack has probably dropped it already" in f.message
+    assert "keepalive idle 240 s" in f.hint  # 80 % of 300
+    # conntrack loaded but tracking nothing here: the rule's timeout applies
+    idle_ct = Sysctls(CT.values, conntrack_entries=0)
+    assert kinds(findings(sock, s=idle_ct)) == [("idle_no_keepalive", "warning")]
+
+
+def test_keepalive_that_cannot_keep_the_conntrack_entry() -> None:
+    sock = make_sock(timer=2, expires_ms=310_000, idle_s=10)  # first probe >= 320 s
+    assert findings(sock) == []
+    (f,) = findings(sock, s=CT)
+    assert f.kind == "keepalive_too_slow"
+    assert "later than the 300 s idle timeout of this namespace's conntrack" in f.message
+    assert "the rule's idle_timeout is 350 s" in f.message
+
+
+def test_ipvs_timeout_applies_to_its_virtual_services_only() -> None:
+    rules = ruleset(defaults=Thresholds(idle_timeout=3600))
+    to_vip = make_sock(dst="10.96.0.10", dport=80, idle_s=1000)
+    elsewhere = make_sock(dst="10.96.0.11", dport=80, idle_s=1000)
+    (f,) = findings(to_vip, rules, s=IPVS)
+    assert f.severity == Severity.CRITICAL and "this namespace's IPVS (TCP timeout 900 s" in (
+        f.message
+    )
+    assert findings(elsewhere, rules, s=IPVS) == []
+    # a local real server answering as the VIP
+    served = make_sock(src="10.96.0.10", sport=80, dst="10.1.2.3", dport=50000, idle_s=1000)
+    assert kinds(findings(served, rules, s=IPVS)) == [("idle_no_keepalive", "critical")]
+
+
+def test_loosest_applies_the_middlebox_cap() -> None:
+    rules = ruleset(rule("long", idle_timeout=7200, warn_at=0.9), defaults=Thresholds(
+        idle_timeout=3600, warn_at=0.5))  # fmt: skip
+    capped = loosest(rules, 300.0)
+    assert capped.idle_timeout == 300 and capped.warn_at * capped.idle_timeout <= 150
+    assert loosest(rules, None) == loosest(rules)
+    assert (
+        middlebox_cap(CT) == 300 and middlebox_cap(IPVS) == 900 and middlebox_cap(sysctls()) is None
+    )
+
+
+options_st = st.builds(
+    SocketOptions,
+    keepalive=st.booleans(),
+    idle=st.sampled_from([1, 60, 300, 349, 350, 351, 7200]),
+    intvl=st.sampled_from([1, 30, 75]),
+    cnt=st.sampled_from([1, 5, 9]),
+    user_timeout_ms=st.sampled_from([0, 45_000, 400_000, 750_000]),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case_st(), options_st, st.sampled_from([sysctls(), CT, IPVS]))
+def test_could_flag_with_options_never_drops_a_flagged_socket(
+    case: tuple[RuleSet, Sock, ProcessInfo | None], options: SocketOptions, s: Sysctls
+) -> None:
+    rules, sock, process = case
+    flagged = socket_findings(rules, sock, process, s, NS, options)
+    if flagged:
+        assert could_flag(sock, loosest(rules, middlebox_cap(s)), options), flagged
+    if socket_findings(rules, sock, process, s, NS):
+        assert could_flag(sock, loosest(rules, middlebox_cap(s))), flagged

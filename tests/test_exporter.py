@@ -44,6 +44,7 @@ KINDS = (
     "close_wait",
     "detection_budget",
     "sysctl",
+    "user_timeout_too_short",
 )
 SEVERITIES = ("info", "warning", "critical")
 PRESET_STATES = (
@@ -56,9 +57,12 @@ PRESET_STATES = (
     "last_ack",
     "closing",
 )
-ERROR_STAGES = ("dump", "sysctls", "counters", "attribution", "netns", "config", "internal")
+ERROR_STAGES = (
+    "dump", "sysctls", "counters", "attribution", "netns", "config", "http", "log", "internal",
+)  # fmt: skip
 LABEL_NAMES = {"netns", "kind", "severity", "rule", "state", "keepalive", "case", "stage"}
 LABEL_NAMES |= {"version"}  # keepalive_build_info
+LABEL_NAMES |= {"sysctl"}  # keepalive_sysctl_differs_from_host: a known sysctl name
 
 RULES = RuleSet(
     rules=(

@@ -20,9 +20,11 @@ from auditd.model import ProcessInfo, TcpState
 # As documented in README.md ("JSON output"); test_json_keys_match_the_readme checks the two
 # agree. Removing or renaming a key bumps SCHEMA_VERSION (report.py).
 
-TOP_KEYS = {"schema_version", "generated_at", "duration_seconds", "namespaces", "findings"}
+TOP_KEYS = {"schema_version", "generated_at", "duration_seconds", "namespaces", "findings",
+            "skipped_namespaces"}  # fmt: skip
 NAMESPACE_KEYS = {
-    "netns", "inode", "sysctls", "detection", "sockets", "counters", "dump", "attribution"
+    "netns", "inode", "sysctls", "differs_from_host", "detection", "sockets", "counters", "dump",
+    "attribution", "inspection",
 }  # fmt: skip
 ATTRIBUTION_KEYS = {"wanted", "found", "complete"}
 DETECTION_KEYS = {"idle_seconds", "in_flight_seconds"}
@@ -32,7 +34,7 @@ DUMP_KEYS = {"messages", "skipped", "interrupted"}
 FINDING_KEYS = {
     "kind", "severity", "rule", "netns", "state", "local", "remote", "idle_seconds",
     "keepalive", "probes", "retransmits", "abort_in_seconds", "pid", "process", "message",
-    "hint", "sysctl", "value", "expected", "inode", "case",
+    "hint", "sysctl", "value", "expected", "inode", "case", "cmdline", "unit", "container",
 }  # fmt: skip
 
 GENERATED_AT = 1_700_000_000.25  # 2023-11-14T22:13:20.250Z
@@ -327,9 +329,10 @@ def test_retries2_for_budget(budget: float, rto_max_ms: int, expected: int) -> N
 
 def test_hints_name_the_application() -> None:
     t = Thresholds()
-    assert "net.ipv4.tcp_keepalive_time=280" in hints.too_slow(t, "redis-server")
-    assert "Redis: tcp-keepalive" in hints.too_slow(t, "redis-server")
-    assert hints.no_keepalive(t, "nginx").startswith(
+    redis, nginx = hints.recognise("redis-server"), hints.recognise("nginx")
+    assert "net.ipv4.tcp_keepalive_time=280" in hints.too_slow(t, redis)
+    assert "Redis: tcp-keepalive" in hints.too_slow(t, redis)
+    assert hints.no_keepalive(t, nginx).startswith(
         "enable keepalive with keepalive idle 280 s, interval 75 s, 5 probes: nginx:"
     )
     assert hints.close_wait("java").startswith("java must close() the socket")

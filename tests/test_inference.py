@@ -18,13 +18,16 @@ from auditd.audit.inference import (
     keepalive_params,
     keepalive_status,
     path_idle_ms,
+    probes_before_abort,
     probing_abort_in,
     recv_idle_ms,
     retransmit_abort_in,
     retries2_timeout,
+    socket_params,
+    user_timeout_detection,
     zero_window_abort_in,
 )
-from auditd.model import Keepalive, TcpState, TimerKind
+from auditd.model import Keepalive, SocketOptions, TcpState, TimerKind
 
 # --- the retries2 model --------------------------------------------------------------------
 
@@ -303,3 +306,79 @@ def test_abort_in_dispatches_keepalive_probing() -> None:
 )
 def test_abort_in_none_when_nothing_is_pending(overrides: dict[str, int]) -> None:
     assert abort_in(make_sock(**overrides), sysctls()) is None
+
+
+# --- the socket's own options (socket inspection) ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("user_timeout", "probes", "detection"),
+    [
+        # tcp_keepalive_timer with TCP_USER_TIMEOUT: abort at the first firing with a probe out
+        # and the user timeout passed since the last segment received; firings at idle + k * 30.
+        (45, 1, 630),  # the incident: 45 s < 600: the firing after the first probe aborts
+        (600, 1, 630),
+        (630, 1, 630),
+        (631, 2, 660),
+        (700, 4, 720),  # ceil(100 / 30) = 4
+        (750, 5, 750),  # = idle + cnt * intvl: as keepcnt would
+        (1000, 14, 1020),  # keepcnt is ignored: more probes than 5
+    ],
+)
+def test_user_timeout_detection(user_timeout: float, probes: int, detection: float) -> None:
+    assert probes_before_abort(600, 30, user_timeout) == probes
+    assert user_timeout_detection(600, 30, user_timeout) == detection
+
+
+def test_socket_params_are_exact() -> None:
+    params = socket_params(SocketOptions(True, 600, 30, 5, 45_000))
+    assert params == KeepaliveParams(600.0, 30.0, 5, "socket", 600.0, 45.0)
+    assert params.detection == 630  # not 600 + 5 * 30 = 750
+    assert socket_params(SocketOptions(True, 600, 30, 5, 0)).detection == 750
+    sock = make_sock(timer=TimerKind.KEEPALIVE, expires_ms=1000, last_data_recv_ms=0)
+    assert keepalive_params(sock, sysctls(), SocketOptions(True, 60, 5, 3)).source == "socket"
+
+
+@pytest.mark.parametrize(
+    ("state", "timer", "keepalive", "expected"),
+    [
+        (TcpState.ESTABLISHED, TimerKind.RETRANSMIT, True, Keepalive.ON),  # hidden, read
+        (TcpState.ESTABLISHED, TimerKind.NONE, False, Keepalive.OFF),
+        (TcpState.FIN_WAIT1, TimerKind.RETRANSMIT, False, Keepalive.OFF),  # any state
+        (TcpState.SYN_SENT, TimerKind.RETRANSMIT, True, Keepalive.ON),
+    ],
+)
+def test_keepalive_status_from_so_keepalive(
+    state: int, timer: int, keepalive: bool, expected: str
+) -> None:
+    sock = make_sock(state=state, timer=timer)
+    assert keepalive_status(sock, SocketOptions(keepalive, 7200, 75, 9)) == expected
+
+
+@pytest.mark.parametrize(
+    ("user_timeout_ms", "expected"),
+    [
+        # 1 probe out, silent for 600 s, next firing in 30 s: heard = 630 s then.
+        (0, 30 + 4 * 30),  # keepcnt 5: 4 more firings after this one
+        (45_000, 30),  # 630 >= 45: this firing aborts
+        (700_000, 30 + 3 * 30),  # firings at 630, 660, 690, 720: the 4th passes 700
+    ],
+)
+def test_probing_abort_with_user_timeout(user_timeout_ms: int, expected: float) -> None:
+    sock = make_sock(timer=TimerKind.KEEPALIVE, retrans=1, expires_ms=30_000,
+                     last_data_recv_ms=600_000, last_ack_recv_ms=600_000)  # fmt: skip
+    options = SocketOptions(True, 600, 30, 5, user_timeout_ms)
+    assert probing_abort_in(sock, socket_params(options)) == expected
+    assert abort_in(sock, sysctls(), options) == expected
+
+
+def test_retransmit_abort_with_user_timeout() -> None:
+    # 3 retransmits, RTO 1.6 s = 0.2 s << backoff 3: sent at 0.2 + 0.4 + 0.8 = 1.4 s, pending
+    # expiry at 3.0 s, 0.8 s from now: 2.2 s since the first loss.
+    sock = make_sock(timer=TimerKind.RETRANSMIT, retrans=3, backoff=3, rto_us=1_600_000,
+                     expires_ms=800)  # fmt: skip
+    assert retransmit_abort_in(sock, sysctls(), 10.0) == pytest.approx(7.8)
+    assert retransmit_abort_in(sock, sysctls(), 2.5) == pytest.approx(0.8)  # the pending expiry
+    options = SocketOptions(False, 7200, 75, 9, 10_000)
+    assert abort_in(sock, sysctls(), options) == pytest.approx(7.8)
+    assert abort_in(sock, sysctls()) == retransmit_abort_in(sock, sysctls())

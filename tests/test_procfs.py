@@ -319,3 +319,24 @@ def test_live_socket_of_this_process_is_attributed_to_it() -> None:
         assert owners[inode].pid == os.getpid()
         assert owners[inode].name == comm
         assert LocalKernel().owners([inode]).found[inode].pid == os.getpid()
+
+
+def test_owner_cache_rechecks_and_resumes(proc_tree: Path) -> None:
+    """A scan cut short resumes after the pid it stopped at; known owners are re-checked."""
+    cache = procs.OwnerCache()
+    ticks = iter(range(1000))
+    first = procs.find_owners(
+        [5002, 6001], str(proc_tree), deadline=0.5, clock=lambda: next(ticks), cache=cache
+    )
+    assert not first.complete  # time for one process only
+    assert cache.resume_after == 100 and set(first.found) == {5002}
+    second = procs.find_owners([5002, 6001], str(proc_tree), cache=cache)
+    assert second.complete and set(second.found) == {5002, 6001}
+    assert set(cache.entries) == {5002, 6001}
+    # The socket moves away from pid 200: the remembered owner no longer holds it.
+    (proc_tree / "200" / "fd" / "7").unlink()
+    third = procs.find_owners([5002, 6001], str(proc_tree), cache=cache)
+    assert set(third.found) == {5002} and set(cache.entries) == {5002}
+    # Only the sockets asked for are remembered.
+    procs.find_owners([5002], str(proc_tree), cache=cache)
+    assert set(cache.entries) == {5002}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import errno
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 
 import pytest
 from helpers import DEFAULT_SYSCTLS, FakeKernel
@@ -16,7 +16,16 @@ from auditd.audit.run import ATTRIBUTION_MIN_SECONDS, audit, audit_namespace
 from auditd.config import RuleSet, Thresholds
 from auditd.errors import KernelError
 from auditd.kernel import DumpStats, OwnerScan
-from auditd.model import Finding, ProcessInfo, TimerKind, make_sock, state_label
+from auditd.kernel.inspect import InspectScan, Target
+from auditd.model import (
+    Finding,
+    ProcessInfo,
+    SocketOptions,
+    Sysctls,
+    TimerKind,
+    make_sock,
+    state_label,
+)
 
 IDLE = make_sock(sport=40000, dport=5432, inode=11, last_data_recv_ms=400_000,
                  last_ack_recv_ms=400_000, last_data_sent_ms=400_000)  # fmt: skip
@@ -140,3 +149,83 @@ def test_fast_pass_matches_the_reference_functions(socks: list, t: Thresholds) -
     assert sum(sum(h) for h in report.idle_histogram.values()) == sum(
         1 for s in socks if s.state == 1
     )
+
+
+def test_a_broken_namespace_is_skipped_but_a_broken_host_is_not() -> None:
+    broken = FlakyKernel(errno.EPERM)
+    result = audit(RuleSet(), [("host", FakeKernel([IDLE])), ("container:abc", broken)])
+    assert [ns.netns for ns in result.namespaces] == ["host"]
+    assert result.skipped_namespaces == (
+        ("container:abc", "sock_diag dump failed: No buffer space available"),
+    )
+    with pytest.raises(KernelError):
+        audit(RuleSet(), [("host", FlakyKernel(errno.EPERM))])
+
+
+_CONNTRACK = Sysctls(
+    {**DEFAULT_SYSCTLS.values, "net.netfilter.nf_conntrack_tcp_timeout_established": 300},
+    conntrack_entries=1,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_socks, max_size=30), _thresholds)
+def test_fast_pass_keeps_what_a_tighter_conntrack_flags(socks: list, t: Thresholds) -> None:  # type: ignore[type-arg]
+    """The namespace's conntrack timeout caps the pre-filter's idle timeout, as it caps the
+    rules' in socket_findings."""
+    rules = RuleSet(defaults=t)
+    _, findings = audit_namespace(rules, FakeKernel(socks, sysctls=_CONNTRACK))
+    expected = [f for s in socks for f in socket_findings(rules, s, None, _CONNTRACK, "host")]
+    socket_level = [f for f in findings if f.local is not None]
+    assert sorted(f.key for f in socket_level) == sorted(f.key for f in expected)
+
+
+class _Inspector:
+    def __init__(self, options: dict[int, SocketOptions]) -> None:
+        self.options = options
+
+    def inspect(self, targets: Sequence[Target]) -> InspectScan:
+        return InspectScan({t[0]: self.options[t[0]] for t in targets})
+
+
+class _Owned(FakeKernel):
+    def owners(self, inodes: Collection[int], deadline: float | None = None) -> OwnerScan:
+        scan = super().owners(inodes, deadline)
+        return OwnerScan(scan.found, fds=dict.fromkeys(scan.found, 3))
+
+
+_options = st.builds(
+    SocketOptions,
+    keepalive=st.booleans(),
+    idle=st.sampled_from([1, 300, 400, 7200]),
+    intvl=st.sampled_from([1, 75]),
+    cnt=st.sampled_from([1, 9]),
+    user_timeout_ms=st.sampled_from([0, 45_000, 10_000_000]),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_socks, max_size=30, unique_by=lambda s: s.inode), _thresholds, st.data())
+def test_inspecting_pass_matches_the_reference_functions(
+    socks: list,  # type: ignore[type-arg]
+    t: Thresholds,
+    data: st.DataObject,
+) -> None:
+    """With an inspector, every owned socket whose status the timer leaves open is read and
+    counted and evaluated with its options; the others exactly as without."""
+    rules = RuleSet(defaults=t)
+    options = {s.inode: data.draw(_options) for s in socks}
+    owners = {s.inode: ProcessInfo(1, "app") for s in socks}
+    kernel = _Owned(socks, owners=owners)
+    report, findings = audit_namespace(rules, kernel, inspector=_Inspector(options))
+    counts: dict[tuple[str, str], int] = {}
+    expected: list[Finding] = []
+    for s in socks:
+        known_off = s.timer == 0 and s.state in (1, 8)
+        opts = None if known_off else options[s.inode]
+        key = (state_label(s.state), keepalive_status(s, opts))
+        counts[key] = counts.get(key, 0) + 1
+        expected.extend(socket_findings(rules, s, owners[s.inode], DEFAULT_SYSCTLS, "host", opts))
+    assert report.connections == counts
+    socket_level = [f for f in findings if f.local is not None]
+    assert sorted(f.key for f in socket_level) == sorted(f.key for f in expected)

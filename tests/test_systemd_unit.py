@@ -189,3 +189,38 @@ def test_env_file_examples_parse(opts: str) -> None:
     assert parse_duration(args.interval) >= 1
     parse_listen(args.listen)
     assert args.telemetry_path.startswith("/")
+
+
+# --- the netns.conf drop-in for --audit.netns=all ---------------------------------------------
+
+
+def _netns_drop_in() -> str:
+    """The drop-in as the unit's comments spell it out (``#   [Service]`` and what follows)."""
+    lines = UNIT.read_text().splitlines()
+    start = lines.index("#   [Service]")
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("#   "):
+            break
+        block.append(line[4:])
+    return "\n".join(block) + "\n"
+
+
+def test_netns_drop_in_lets_the_agent_enter_network_namespaces_only(tmp_path: Path) -> None:
+    analyze = _need_systemd_analyze()
+    if _systemd_version() < 250:
+        pytest.skip(f"systemd {_systemd_version()} has no 'security --offline' (needs >= 250)")
+    drop_in = _netns_drop_in()
+    assert "CAP_SYS_ADMIN" in drop_in and "RestrictNamespaces=net" in drop_in
+    unit = _runnable_unit(tmp_path)
+    # A [Service] section may appear twice in one file: systemd merges it as it would a drop-in.
+    unit.write_text(unit.read_text() + drop_in)
+    result = _run([analyze, "verify", str(unit)], tmp_path)
+    assert result.returncode == 0 and UNIT.name not in result.stderr, result.stderr
+    result = _run([analyze, "security", "--offline=true", "--no-pager", str(unit)], tmp_path)
+    assert "Service may create network namespaces" in result.stdout  # net let through...
+    for kind in ("user", "process", "file system", "IPC"):  # ...and nothing else
+        assert f"Service cannot create {kind} namespaces" in result.stdout, kind
+    assert "Service has administrator privileges" in result.stdout
+    match = EXPOSURE.search(result.stdout)
+    assert match is not None and float(match.group(2)) <= MAX_EXPOSURE, result.stdout

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import math
+from dataclasses import replace
 
 from auditd.audit import hints
 from auditd.audit.inference import (
@@ -29,6 +30,7 @@ from auditd.model import (
     ProcessInfo,
     Severity,
     Sock,
+    SocketOptions,
     Sysctls,
     TcpState,
     TimerKind,
@@ -38,9 +40,15 @@ from auditd.model import (
 DEFAULT_RULE = "default"
 
 
-def loosest(rules: RuleSet) -> Thresholds:
-    """The thresholds that flag the most: a socket not flagged by these is flagged by no rule."""
+def loosest(rules: RuleSet, cap: float | None = None) -> Thresholds:
+    """The thresholds that flag the most: a socket not flagged by these is flagged by no rule.
+
+    ``cap``: the tightest local middlebox timeout of the namespace (``middlebox_cap``), which
+    replaces every rule's idle_timeout that is longer, as in ``socket_findings``.
+    """
     every = [rules.defaults, *(r.thresholds for r in rules.rules if not r.ignore)]
+    if cap is not None:
+        every = [replace(t, idle_timeout=cap) if cap < t.idle_timeout else t for t in every]
     idle_timeout = min(t.idle_timeout for t in every)
     warn_after = min(t.warn_at * t.idle_timeout for t in every)
     warn_at = warn_after / max(idle_timeout, 1e-9)
@@ -56,8 +64,11 @@ def loosest(rules: RuleSet) -> Thresholds:
     )
 
 
-def could_flag(sock: Sock, t: Thresholds) -> bool:
-    """True if some socket finding may apply under thresholds ``t`` (see ``loosest``)."""
+def could_flag(sock: Sock, t: Thresholds, options: SocketOptions | None = None) -> bool:
+    """True if some socket finding may apply under thresholds ``t`` (see ``loosest``), and
+    under the socket's own ``options`` when they were read."""
+    if options is not None:
+        return _could_flag_exact(sock, t, options)
     state = sock.state
     if state not in KEEPALIVE_STATES:
         return False
@@ -72,6 +83,27 @@ def could_flag(sock: Sock, t: Thresholds) -> bool:
         return sock.retrans > 0 or (recv_idle_ms(sock) + sock.expires_ms) / 1000 > t.idle_timeout
     if timer == TimerKind.NONE and state == TcpState.ESTABLISHED:
         return path_idle_ms(sock) / 1000 >= t.warn_at * t.idle_timeout
+    return False
+
+
+def _could_flag_exact(sock: Sock, t: Thresholds, options: SocketOptions) -> bool:
+    """could_flag with SO_KEEPALIVE and TCP_KEEPIDLE known: on the opt-in inspection path."""
+    state = sock.state
+    if state not in KEEPALIVE_STATES:
+        return False
+    if state == TcpState.CLOSE_WAIT and recv_idle_ms(sock) / 1000 >= t.close_wait_after:
+        return True
+    timer = sock.timer
+    if options.keepalive:
+        if user_timeout_too_short(options) or options.idle > t.idle_timeout:
+            return True
+        if timer == TimerKind.KEEPALIVE:
+            return sock.retrans > 0
+    elif state == TcpState.ESTABLISHED and timer not in (TimerKind.RETRANSMIT,
+                                                         TimerKind.ZERO_WINDOW_PROBE):  # fmt: skip
+        return path_idle_ms(sock) / 1000 >= t.warn_at * t.idle_timeout
+    if timer == TimerKind.RETRANSMIT or timer == TimerKind.ZERO_WINDOW_PROBE:
+        return sock.retrans >= t.retransmit_threshold
     return False
 
 
@@ -123,20 +155,73 @@ def _fmt_s(seconds: float) -> str:
     return f"{int(r)} s" if r == int(r) else f"{r} s"
 
 
+def middlebox_timeout(t: Thresholds, sysctls: Sysctls, sock: Sock) -> tuple[float, str]:
+    """The idle timeout of the socket's path and what sets it: the rule's ``idle_timeout``,
+    or the namespace's own conntrack or IPVS when tighter (local middleboxes: an entry idle
+    past its timeout is dropped, and the next segment of the connection with it)."""
+    timeout, what = t.idle_timeout, ""
+    ct = sysctls.conntrack_timeout
+    if ct is not None and ct < timeout:
+        timeout = float(ct)
+        what = (
+            f"this namespace's conntrack (net.netfilter.nf_conntrack_tcp_timeout_established="
+            f"{ct}; the rule's idle_timeout is {_fmt_s(t.idle_timeout)})"
+        )
+    ipvs = sysctls.ipvs_tcp_timeout
+    if ipvs is not None and ipvs < timeout and _through_ipvs(sock, sysctls):
+        timeout = float(ipvs)
+        what = (
+            f"this namespace's IPVS (TCP timeout {ipvs} s for the virtual service; the rule's "
+            f"idle_timeout is {_fmt_s(t.idle_timeout)})"
+        )
+    return timeout, what
+
+
+def _through_ipvs(sock: Sock, sysctls: Sysctls) -> bool:
+    """The socket talks to an IPVS virtual service of its namespace (a client of the VIP), or
+    is one (a local real server answers with the VIP as its address)."""
+    services = sysctls.ipvs_services
+    return (sock.dst16, sock.dport) in services or (sock.src16, sock.sport) in services
+
+
+def middlebox_cap(sysctls: Sysctls) -> float | None:
+    """The tightest local middlebox timeout that may apply to some socket of the namespace."""
+    caps = [c for c in (sysctls.conntrack_timeout,) if c is not None]
+    if sysctls.ipvs_tcp_timeout is not None and sysctls.ipvs_services:
+        caps.append(sysctls.ipvs_tcp_timeout)
+    return float(min(caps)) if caps else None
+
+
+def user_timeout_too_short(options: SocketOptions) -> bool:
+    """TCP_USER_TIMEOUT set below keepidle + keepcnt × keepintvl on a socket with keepalive:
+    fewer unanswered probes than keepcnt abort it (tcp_keepalive_timer, shared/KERNEL.md)."""
+    return (
+        options.keepalive
+        and options.user_timeout_ms > 0
+        and options.user_timeout_ms < (options.idle + options.cnt * options.intvl) * 1000
+    )
+
+
 def socket_findings(
     rules: RuleSet,
     sock: Sock,
     process: ProcessInfo | None,
     sysctls: Sysctls,
     netns: str,
+    options: SocketOptions | None = None,
 ) -> list[Finding]:
-    """Findings for one socket under the first matching rule (or the defaults)."""
+    """Findings for one socket under the first matching rule (or the defaults).
+
+    ``options``: the socket's own keepalive settings when they were read (socket inspection):
+    then the keepalive status, the first-probe delay and the abort estimates are exact, and a
+    user timeout too short for the probes is a finding of its own.
+    """
     rule = select_rule(rules, sock, process)
     if rule is not None and rule.ignore:
         return []
     t = rule.thresholds if rule is not None else rules.defaults
     rule_name = rule.name if rule is not None else DEFAULT_RULE
-    ka = keepalive_status(sock)
+    ka = keepalive_status(sock, options)
     path_idle = path_idle_ms(sock) / 1000
     probes = sock.retrans if sock.timer in (TimerKind.KEEPALIVE, TimerKind.ZERO_WINDOW_PROBE) else 0
     label = state_label(sock.state)
@@ -162,74 +247,135 @@ def socket_findings(
             abort_in_seconds=None if left is None else round(left, 1),
             pid=process.pid if process is not None else None,
             process=process.name if process is not None else None,
+            cmdline=(process.cmdline or None) if process is not None else None,
+            unit=process.unit if process is not None else None,
+            container=process.container if process is not None else None,
             inode=sock.inode or None,
         )
 
     out: list[Finding] = []
-    app = process.name if process is not None else None
+    name = process.name if process is not None else None
+    app = hints.recognise(name, sock.dport)
+    timeout, middlebox = middlebox_timeout(t, sysctls, sock)
+    if timeout != t.idle_timeout:
+        t = replace(t, idle_timeout=timeout)
+    keepalive_state = sock.state in KEEPALIVE_STATES
+
+    def too_slow() -> None:
+        """keepalive_too_slow, when the first probe comes after the idle timeout."""
+        params = keepalive_params(sock, sysctls, options)
+        bound = params.idle_lower_bound
+        if bound is not None and bound > t.idle_timeout:
+            on_default: bool | None = None
+            if params.source == "socket":
+                on_default = params.idle == sysctls.keepalive_time
+                first = f"its first probe comes {_fmt_s(bound)} after the last segment received"
+                whose = (
+                    " (TCP_KEEPIDLE of the socket: the namespace default tcp_keepalive_time)"
+                    if on_default
+                    else " (TCP_KEEPIDLE the socket sets itself)"
+                )
+            else:
+                first = (
+                    f"its first probe comes at least {_fmt_s(bound)} after the last segment "
+                    f"received"
+                )
+                whose = (
+                    f" (the namespace default tcp_keepalive_time={sysctls.keepalive_time})"
+                    if params.source == "sysctl"
+                    else " (longer than the namespace default: the socket sets its own "
+                    "TCP_KEEPIDLE, or enabled keepalive after its last segment)"
+                )
+            where = f"idle timeout of {middlebox}" if middlebox else "idle timeout of the path"
+            out.append(make(
+                FindingKind.KEEPALIVE_TOO_SLOW,
+                Severity.WARNING,
+                f"keepalive is on but {first}, later than the {_fmt_s(t.idle_timeout)} "
+                f"{where}{whose}",
+                hints.too_slow(t, app, on_default),
+            ))  # fmt: skip
 
     if sock.timer in (TimerKind.RETRANSMIT, TimerKind.ZERO_WINDOW_PROBE):
-        if sock.retrans >= t.retransmit_threshold and sock.state in KEEPALIVE_STATES:
-            left = abort_in(sock, sysctls)
+        if sock.retrans >= t.retransmit_threshold and keepalive_state:
+            left = abort_in(sock, sysctls, options)
             what = "retransmissions" if sock.timer == TimerKind.RETRANSMIT else "zero-window probes"
             worse = sock.retrans >= 2 * t.retransmit_threshold
+            limit = (
+                f"TCP_USER_TIMEOUT={options.user_timeout_ms} ms"
+                if options is not None and options.user_timeout_ms and sock.timer == 1
+                else f"tcp_retries2={sysctls.retries2}"
+            )
             out.append(make(
                 FindingKind.RETRANSMITTING,
                 Severity.CRITICAL if worse else Severity.WARNING,
                 f"{sock.retrans} unanswered {what} with {sock.unacked} segment(s) "
                 f"unacknowledged: the peer is unreachable; the kernel gives up in about "
-                f"{_fmt_s(left or 0)} (tcp_retries2={sysctls.retries2})",
+                f"{_fmt_s(left or 0)} ({limit})",
                 hints.in_flight(t, sysctls.retries2, sysctls.rto_max_ms, app),
                 left,
             ))  # fmt: skip
-    elif ka == Keepalive.ON and sock.retrans > 0:
-        params = keepalive_params(sock, sysctls)
-        left = abort_in(sock, sysctls)
+        if options is not None and ka == Keepalive.ON and keepalive_state:
+            too_slow()  # exact TCP_KEEPIDLE: a verdict on the socket's settings, busy or not
+    elif (
+        ka == Keepalive.ON
+        and keepalive_state  # in FIN_WAIT2 timer 2 counts down tcp_fin_timeout
+        and sock.timer == TimerKind.KEEPALIVE
+        and sock.retrans > 0
+    ):
+        params = keepalive_params(sock, sysctls, options)
+        left = abort_in(sock, sysctls, options)
+        schedule = f"{params.cnt} probes every {_fmt_s(params.intvl)}"
+        if params.user_timeout > 0:
+            schedule = f"TCP_USER_TIMEOUT {_fmt_s(params.user_timeout)}, probes every " + (
+                _fmt_s(params.intvl)
+            )
         out.append(make(
             FindingKind.KEEPALIVE_PROBING,
             Severity.CRITICAL if sock.retrans >= 2 else Severity.WARNING,
             f"{sock.retrans} keepalive probe(s) unanswered after "
             f"{_fmt_s(recv_idle_ms(sock) / 1000)} of silence: the peer is gone and the "
             f"connection is half-open now; the kernel aborts it in about "
-            f"{_fmt_s(left or 0)} ({params.cnt} probes every {_fmt_s(params.intvl)})",
+            f"{_fmt_s(left or 0)} ({schedule})",
             hints.probing(),
             left,
         ))  # fmt: skip
-    elif ka == Keepalive.ON:
-        params = keepalive_params(sock, sysctls)
-        bound = params.idle_lower_bound
-        if bound is not None and bound > t.idle_timeout:
-            whose = (
-                f" (the namespace default tcp_keepalive_time={sysctls.keepalive_time})"
-                if params.source == "sysctl"
-                else " (longer than the namespace default: the socket sets its own "
-                "TCP_KEEPIDLE, or enabled keepalive after its last segment)"
-            )
-            out.append(make(
-                FindingKind.KEEPALIVE_TOO_SLOW,
-                Severity.WARNING,
-                f"keepalive is on but its first probe comes at least {_fmt_s(bound)} after the "
-                f"last segment received, later than the {_fmt_s(t.idle_timeout)} idle timeout "
-                f"of the path{whose}",
-                hints.too_slow(t, app),
-            ))  # fmt: skip
+    elif ka == Keepalive.ON and keepalive_state:
+        too_slow()
     elif (
         ka == Keepalive.OFF
         and sock.state == TcpState.ESTABLISHED
+        and sock.timer != TimerKind.KEEPALIVE
         and path_idle >= t.warn_at * t.idle_timeout
     ):
         critical = path_idle >= t.idle_timeout
+        dropper = "a middlebox on the path" if not middlebox else middlebox.split(" (", 1)[0]
         verdict = (
-            "a middlebox on the path has probably dropped it already"
+            f"{dropper} has probably dropped it already"
             if critical
             else f"it is {path_idle / t.idle_timeout:.0%} of the way to being dropped"
         )
+        source = f": {middlebox}" if middlebox else ""
         out.append(make(
             FindingKind.IDLE_NO_KEEPALIVE,
             Severity.CRITICAL if critical else Severity.WARNING,
             f"idle for {_fmt_s(path_idle)} without keepalive (path idle timeout "
-            f"{_fmt_s(t.idle_timeout)}): {verdict}; a dead peer would never be noticed",
+            f"{_fmt_s(t.idle_timeout)}{source}): {verdict}; a dead peer would never be noticed",
             hints.no_keepalive(t, app),
+        ))  # fmt: skip
+
+    if options is not None and keepalive_state and user_timeout_too_short(options):
+        survives = hints.user_timeout_probes(options)
+        after = options.idle + survives * options.intvl
+        out.append(make(
+            FindingKind.USER_TIMEOUT_TOO_SHORT,
+            Severity.WARNING,
+            f"TCP_USER_TIMEOUT {_fmt_s(options.user_timeout_ms / 1000)} is shorter than "
+            f"keepidle {options.idle} + keepcnt {options.cnt} × keepintvl {options.intvl} = "
+            f"{_fmt_s(options.idle + options.cnt * options.intvl)}: the kernel aborts the "
+            f"connection after {survives} unanswered keepalive probe(s) ({_fmt_s(after)} of "
+            f"silence), not {options.cnt}; one probe lost on the way (a local queue overflowing "
+            f"when many sockets probe in the same tick) kills a healthy connection",
+            hints.user_timeout(options, app),
         ))  # fmt: skip
 
     if sock.state == TcpState.CLOSE_WAIT:
@@ -240,7 +386,7 @@ def socket_findings(
                 Severity.WARNING,
                 f"in CLOSE_WAIT for {_fmt_s(age)}: the peer closed (its process exited or "
                 f"closed the connection) and the local application never closed its side",
-                hints.close_wait(app),
+                hints.close_wait(name),
             ))  # fmt: skip
     return out
 
@@ -253,24 +399,57 @@ def _expected(bound: SysctlBound) -> str:
     return f"<= {bound.max}"
 
 
-def sysctl_findings(rules: RuleSet, sysctls: Sysctls, netns: str) -> list[Finding]:
+NOT_INHERITED = "this namespace did not inherit the host's tuning"
+# The sysctls behind each case of the detection time (see detection_times).
+CASE_SYSCTLS = {
+    "idle": ("net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_keepalive_intvl",
+             "net.ipv4.tcp_keepalive_probes"),
+    "in_flight": ("net.ipv4.tcp_retries2", "net.ipv4.tcp_rto_max_ms"),
+}  # fmt: skip
+
+
+def _out_of(bound: SysctlBound, value: int) -> bool:
+    return (bound.min is not None and value < bound.min) or (
+        bound.max is not None and value > bound.max
+    )
+
+
+def _host_differs(sysctls: Sysctls, host: Sysctls | None, names: tuple[str, ...]) -> str:
+    """``tcp_keepalive_time=300, ...``: the host's values of ``names`` where this namespace
+    has another (a new netns starts at the compiled defaults, shared/KERNEL.md); "" if none."""
+    if host is None:
+        return ""
+    return ", ".join(
+        f"{name.rsplit('.', 1)[-1]}={host.values[name]}"
+        for name in names
+        if name in host.values and name in sysctls.values
+        and host.values[name] != sysctls.values[name]
+    )  # fmt: skip
+
+
+def sysctl_findings(
+    rules: RuleSet, sysctls: Sysctls, netns: str, host: Sysctls | None = None
+) -> list[Finding]:
+    """Sysctls out of their bounds. ``host``: the host namespace's sysctls, given for another
+    namespace, so a message says when the host has a different value."""
     out: list[Finding] = []
     for bound in rules.sysctls:
         value = sysctls.get(bound.name)
-        if value is None:
-            continue
-        low = bound.min is not None and value < bound.min
-        high = bound.max is not None and value > bound.max
-        if not (low or high):
+        if value is None or not _out_of(bound, value):
             continue
         expected = _expected(bound)
+        message = f"{bound.name} is {value}, the rules expect {expected}"
+        theirs = host.get(bound.name) if host is not None else None
+        if theirs is not None and theirs != value:
+            why = "" if _out_of(bound, theirs) else f": {NOT_INHERITED}"
+            message += f" (the host has {theirs}{why})"
         out.append(
             Finding(
                 kind=FindingKind.SYSCTL,
                 severity=bound.severity,
                 rule=DEFAULT_RULE,
                 netns=netns,
-                message=f"{bound.name} is {value}, the rules expect {expected}",
+                message=message,
                 hint=hints.sysctl(bound, value),
                 sysctl=bound.name,
                 value=value,
@@ -289,11 +468,17 @@ def detection_times(sysctls: Sysctls) -> tuple[float, float]:
 
 
 def budget_findings(
-    rules: RuleSet, sysctls: Sysctls, netns: str, matched_rules: frozenset[str] = frozenset()
+    rules: RuleSet,
+    sysctls: Sysctls,
+    netns: str,
+    matched_rules: frozenset[str] = frozenset(),
+    host: Sysctls | None = None,
 ) -> list[Finding]:
     """The namespace's detection times against the default budget, and against the budget of
-    each rule that sets its own and matched a socket in this namespace."""
+    each rule that sets its own and matched a socket in this namespace. ``host`` as in
+    ``sysctl_findings``: a message names the host's values where they differ."""
     idle, in_flight = detection_times(sysctls)
+    host_times = dict(zip(("idle", "in_flight"), detection_times(host))) if host is not None else {}
     checks: list[tuple[str, float, Severity | None]] = [
         (DEFAULT_RULE, rules.defaults.detection_budget, None)
     ]
@@ -313,6 +498,10 @@ def budget_findings(
                 if case == "idle"
                 else "a connection with data in flight"
             )
+            theirs = _host_differs(sysctls, host, CASE_SYSCTLS[case])
+            if theirs:
+                why = f": {NOT_INHERITED}" if host_times[case] <= budget else ""
+                theirs = f"; the host has {theirs} ({_fmt_s(host_times[case])}){why}"
             out.append(
                 Finding(
                     kind=FindingKind.DETECTION_BUDGET,
@@ -321,7 +510,7 @@ def budget_findings(
                     netns=netns,
                     message=(
                         f"a dead peer on {what} is noticed after {_fmt_s(seconds)} "
-                        f"({arithmetic}), over the {_fmt_s(budget)} detection budget"
+                        f"({arithmetic}), over the {_fmt_s(budget)} detection budget{theirs}"
                     ),
                     hint=hints.budget(case, budget, sysctls),
                     value=round(seconds, 1),

@@ -1,48 +1,89 @@
 """Remediation hints: what to change, naming the application's own knob when we know it.
 
-``APP_KNOBS`` is data: process-name globs -> how that application sets its keepalive
-(shared/KERNEL.md, "Per-application keepalive knobs"). Extend it by adding a row.
+``APP_KNOBS`` is data: which processes are which application, and how that application sets
+its keepalive and its TCP_USER_TIMEOUT (shared/KERNEL.md, "Per-application keepalive knobs").
+Extend it by adding a row. A process is recognised by its name (``comm``); a client whose name
+says nothing (any program linked with libpq) by the port of the service it talks to.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
-from auditd.audit.inference import retries2_timeout
+from auditd.audit.inference import probes_before_abort, retries2_timeout
 from auditd.config import SysctlBound, Thresholds
-from auditd.model import Sysctls
+from auditd.model import SocketOptions, Sysctls
 
-# (process-name globs, the knob to set); first match wins.
-APP_KNOBS: tuple[tuple[tuple[str, ...], str], ...] = (
-    (("postgres", "postmaster"), "PostgreSQL: tcp_keepalives_idle/_interval/_count and tcp_user_timeout in postgresql.conf (clients: libpq keepalives_idle=...)"),
-    (("redis-server", "redis-sentinel", "valkey-server"), "Redis: tcp-keepalive <seconds> in redis.conf"),
-    (("nginx",), "nginx: listen ... so_keepalive=IDLE:INTVL:CNT (clients) and proxy_socket_keepalive on (upstreams)"),
-    (("haproxy",), "HAProxy: option clitcpka / option srvtcpka with clitcpka-idle/srvtcpka-idle"),
-    (("sshd",), "OpenSSH server: ClientAliveInterval/ClientAliveCountMax in sshd_config (and TCPKeepAlive yes)"),
-    (("ssh",), "OpenSSH client: ServerAliveInterval/ServerAliveCountMax in ssh_config"),
-    (("java",), "Java: socket.setOption(jdk.net.ExtendedSocketOptions.TCP_KEEPIDLE/TCP_KEEPINTERVAL/TCP_KEEPCOUNT)"),
-    (("node", "nodejs"), "Node.js: socket.setKeepAlive(true, initialDelayMs)"),
-    (("envoy",), "Envoy: upstream_connection_options.tcp_keepalive {keepalive_time, keepalive_interval, keepalive_probes}"),
-    (("grpc*",), "gRPC: GRPC_ARG_KEEPALIVE_TIME_MS / GRPC_ARG_KEEPALIVE_TIMEOUT_MS"),
-    (("systemd",), "systemd socket unit: KeepAlive=yes with KeepAliveTimeSec=/KeepAliveIntervalSec=/KeepAliveProbes="),
+
+@dataclass(frozen=True, slots=True)
+class AppKnob:
+    """One recognised application and its settings."""
+
+    app: str  # as people call it: "PostgreSQL", "libpq"
+    keepalive: str  # how it turns keepalive on and sets idle/interval/count
+    processes: tuple[str, ...] = ()  # process-name globs (exact: "java" is not "javac")
+    remote_ports: tuple[int, ...] = ()  # clients known by their server's port
+    user_timeout: str | None = None  # how it sets TCP_USER_TIMEOUT, when it has a knob
+
+    @property
+    def knob(self) -> str:
+        return f"{self.app}: {self.keepalive}"
+
+
+# First match wins: process names first, then remote ports.
+APP_KNOBS: tuple[AppKnob, ...] = (
+    AppKnob("PostgreSQL", "tcp_keepalives_idle/_interval/_count in postgresql.conf (clients: libpq keepalives_idle=...)", ("postgres", "postmaster"), user_timeout="tcp_user_timeout in postgresql.conf"),
+    AppKnob("libpq", "keepalives=1 keepalives_idle=... keepalives_interval=... keepalives_count=... in the connection string", ("psql", "pg_dump", "pg_dumpall", "pg_restore", "pg_basebackup", "pg_receivewal", "pgbench"), (5432,), user_timeout="tcp_user_timeout=<ms> in the connection string"),
+    AppKnob("PgBouncer", "tcp_keepalive/tcp_keepidle/tcp_keepintvl/tcp_keepcnt in pgbouncer.ini", ("pgbouncer",), user_timeout="tcp_user_timeout in pgbouncer.ini"),
+    AppKnob("Redis", "tcp-keepalive <seconds> in redis.conf", ("redis-server", "redis-sentinel", "valkey-server")),
+    AppKnob("nginx", "listen ... so_keepalive=IDLE:INTVL:CNT (clients) and proxy_socket_keepalive on (upstreams)", ("nginx",)),
+    AppKnob("HAProxy", "option clitcpka / option srvtcpka with clitcpka-idle/srvtcpka-idle", ("haproxy",), user_timeout="tcp-ut <delay> on the bind or server line"),
+    AppKnob("OpenSSH server", "ClientAliveInterval/ClientAliveCountMax in sshd_config (and TCPKeepAlive yes)", ("sshd", "sshd-session")),
+    AppKnob("OpenSSH client", "ServerAliveInterval/ServerAliveCountMax in ssh_config", ("ssh",)),
+    AppKnob("Java", "socket.setOption(jdk.net.ExtendedSocketOptions.TCP_KEEPIDLE/TCP_KEEPINTERVAL/TCP_KEEPCOUNT)", ("java",)),
+    AppKnob("Node.js", "socket.setKeepAlive(true, initialDelayMs)", ("node", "nodejs")),
+    AppKnob("Envoy", "upstream_connection_options.tcp_keepalive {keepalive_time, keepalive_interval, keepalive_probes}", ("envoy",), user_timeout="a socket_options entry {level: 6, name: 18, int_value: <ms>} (TCP_USER_TIMEOUT)"),
+    AppKnob("gRPC", "GRPC_ARG_KEEPALIVE_TIME_MS / GRPC_ARG_KEEPALIVE_TIMEOUT_MS", ("grpc*",), user_timeout="GRPC_ARG_KEEPALIVE_TIMEOUT_MS (with keepalive on, gRPC C-core sets TCP_USER_TIMEOUT to it: gRFC A18)"),
+    AppKnob("systemd socket unit", "KeepAlive=yes with KeepAliveTimeSec=/KeepAliveIntervalSec=/KeepAliveProbes=", ("systemd",)),
 )  # fmt: skip
 
 GENERIC_KNOB = (
     "in the application: setsockopt SO_KEEPALIVE=1, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT "
-    "(Go: net.Dialer.KeepAlive; binaries without a knob: an LD_PRELOAD shim such as libkeepalive)"
+    "(Go: net.Dialer.KeepAlive / KeepAliveConfig; binaries without a knob: an LD_PRELOAD shim "
+    "such as libkeepalive)"
 )
+GENERIC_USER_TIMEOUT = (
+    "in the application: setsockopt(IPPROTO_TCP, TCP_USER_TIMEOUT, ms) (Go: a net.Dialer "
+    "Control function; binaries without a knob: an LD_PRELOAD shim)"
+)
+_BY_PORT = {port: row for row in reversed(APP_KNOBS) for port in row.remote_ports}
 
 
 @lru_cache(maxsize=1024)
-def app_knob(process: str | None) -> str:
+def _by_name(process: str) -> AppKnob | None:
+    for row in APP_KNOBS:
+        if any(fnmatch.fnmatchcase(process, g) for g in row.processes):
+            return row
+    return None
+
+
+def recognise(process: str | None, remote_port: int = 0) -> AppKnob | None:
+    """The application of a socket: by its process name, else by the port it talks to."""
+    row = _by_name(process) if process else None
+    return row if row is not None else _BY_PORT.get(remote_port)
+
+
+def app_knob(process: str | None, remote_port: int = 0) -> str:
     """The named application's keepalive setting, or the generic socket options."""
-    if process:
-        for globs, knob in APP_KNOBS:
-            if any(fnmatch.fnmatchcase(process, g) for g in globs):
-                return knob
-    return GENERIC_KNOB
+    row = recognise(process, remote_port)
+    return row.knob if row is not None else GENERIC_KNOB
+
+
+def _knob(app: AppKnob | None) -> str:
+    return app.knob if app is not None else GENERIC_KNOB
 
 
 def suggest_keepidle(idle_timeout: float) -> int:
@@ -69,19 +110,47 @@ def _ka_text(t: Thresholds) -> str:
 # Hints depend only on the thresholds and the application: cached, since a busy host can
 # have tens of thousands of findings that share a handful of hints.
 @lru_cache(maxsize=1024)
-def no_keepalive(t: Thresholds, process: str | None) -> str:
-    return (
-        f"enable keepalive with {_ka_text(t)}: {app_knob(process)}; or send application heartbeats"
-    )
+def no_keepalive(t: Thresholds, app: AppKnob | None) -> str:
+    return f"enable keepalive with {_ka_text(t)}: {_knob(app)}; or send application heartbeats"
 
 
 @lru_cache(maxsize=1024)
-def too_slow(t: Thresholds, process: str | None) -> str:
+def too_slow(t: Thresholds, app: AppKnob | None, on_default: bool | None = None) -> str:
+    """``on_default``: whether the socket's TCP_KEEPIDLE is the namespace sysctl (None: not
+    known, sock_diag does not show it); the fix then is the sysctl, else the application."""
     idle, _, _ = suggest_keepalive(t)
+    lower = f"lower the first probe below {t.idle_timeout:g} s ({_ka_text(t)})"
+    if on_default is None:
+        return (
+            f"{lower}: {_knob(app)}; for sockets on the defaults, "
+            f"net.ipv4.tcp_keepalive_time={idle}"
+        )
+    if on_default:
+        return (
+            f"{lower}: the socket uses the namespace default, so sysctl -w "
+            f"net.ipv4.tcp_keepalive_time={idle} (in its own network namespace), or per "
+            f"socket: {_knob(app)}"
+        )
+    return f"{lower}: the socket sets its own TCP_KEEPIDLE: {_knob(app)}"
+
+
+@lru_cache(maxsize=1024)
+def user_timeout(options: SocketOptions, app: AppKnob | None) -> str:
+    """TCP_USER_TIMEOUT long enough for every keepalive probe (or unset)."""
+    need = options.idle + options.cnt * options.intvl
+    how = app.user_timeout if app is not None and app.user_timeout else GENERIC_USER_TIMEOUT
+    if app is not None and app.user_timeout:
+        how = f"{app.app}: {how}"
     return (
-        f"lower the first probe below {t.idle_timeout:g} s ({_ka_text(t)}): {app_knob(process)}; "
-        f"for sockets on the defaults, net.ipv4.tcp_keepalive_time={idle}"
+        f"set TCP_USER_TIMEOUT to at least {need * 1000} ms (keepidle {options.idle} + keepcnt "
+        f"{options.cnt} × keepintvl {options.intvl} = {need} s), or 0 to let keepcnt decide "
+        f"and tcp_retries2 bound data in flight: {how}"
     )
+
+
+def user_timeout_probes(options: SocketOptions) -> int:
+    """Unanswered probes the socket survives with its user timeout."""
+    return probes_before_abort(options.idle, options.intvl, options.user_timeout_ms / 1000)
 
 
 def probing() -> str:
@@ -92,13 +161,17 @@ def probing() -> str:
 
 
 @lru_cache(maxsize=1024)
-def in_flight(t: Thresholds, retries2: int, rto_max_ms: int, process: str | None) -> str:
+def in_flight(t: Thresholds, retries2: int, rto_max_ms: int, app: AppKnob | None) -> str:
     n = retries2_for_budget(t.detection_budget, rto_max_ms)
+    own = f" ({app.app}: {app.user_timeout})" if app is not None and app.user_timeout else ""
     if n >= retries2:
-        return "check the peer and the path; TCP_USER_TIMEOUT on the socket makes it give up sooner"
+        return (
+            f"check the peer and the path; TCP_USER_TIMEOUT on the socket{own} makes it give "
+            f"up sooner"
+        )
     return (
-        "check the peer and the path; to notice sooner, set TCP_USER_TIMEOUT on the socket "
-        f"or net.ipv4.tcp_retries2={n} ({retries2_timeout(n, rto_max_ms):g} s)"
+        f"check the peer and the path; to notice sooner, set TCP_USER_TIMEOUT on the "
+        f"socket{own} or net.ipv4.tcp_retries2={n} ({retries2_timeout(n, rto_max_ms):g} s)"
     )
 
 

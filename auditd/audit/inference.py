@@ -7,9 +7,11 @@ facts are collected in shared/KERNEL.md.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from auditd.model import Keepalive, Sock, Sysctls, TcpState, TimerKind
+from auditd.model import Keepalive, Sock, SocketOptions, Sysctls, TcpState, TimerKind
 
 TCP_RTO_MIN_MS = 200  # include/net/tcp.h; the base of the retries2 model
 
@@ -41,12 +43,34 @@ def idle_detection_seconds(keepidle: float, keepintvl: float, keepcnt: int) -> f
     return keepidle + keepcnt * keepintvl
 
 
-def keepalive_status(sock: Sock) -> str:
-    """``on``/``off``/``unknown`` from the reported timer.
+def user_timeout_detection(idle: float, intvl: float, user_timeout: float) -> float:
+    """Seconds from the last segment received to the abort of an idle connection whose
+    keepalive runs with TCP_USER_TIMEOUT set (``user_timeout`` > 0, seconds).
+
+    tcp_keepalive_timer then ignores keepcnt: it aborts the first time it fires with a probe
+    out and at least the user timeout since the last segment received. The first probe goes
+    at ``idle``, the timer fires again every ``intvl``: the abort comes at ``idle + k × intvl``
+    for the smallest k >= 1 that reaches the user timeout (k = 1: one lost probe aborts).
+    """
+    return idle + probes_before_abort(idle, intvl, user_timeout) * intvl
+
+
+def probes_before_abort(idle: float, intvl: float, user_timeout: float) -> int:
+    """How many unanswered probes a connection with TCP_USER_TIMEOUT survives (see above)."""
+    if intvl <= 0:
+        return 1
+    return max(1, math.ceil((user_timeout - idle) / intvl - 1e-9))
+
+
+def keepalive_status(sock: Sock, options: SocketOptions | None = None) -> str:
+    """``on``/``off``/``unknown`` from the reported timer, or SO_KEEPALIVE itself when the
+    socket's ``options`` were read (then never unknown, in any state).
 
     inet_diag reports the retransmit timer first, then the zero-window probe, then sk_timer:
     while data is unacknowledged the keepalive timer is hidden, so that is *unknown*.
     """
+    if options is not None:
+        return Keepalive.ON if options.keepalive else Keepalive.OFF
     if sock.state not in KEEPALIVE_STATES:
         return Keepalive.UNKNOWN
     timer = sock.timer
@@ -78,20 +102,41 @@ class KeepaliveParams:
     intvl: float
     cnt: int
     source: str  # "sysctl" (presumed namespace default), "timer" (lower bound), "socket"
-    idle_lower_bound: float | None = None  # from the visible timer, when there is one
+    # From the visible timer, when there is one; the exact TCP_KEEPIDLE for source "socket".
+    idle_lower_bound: float | None = None
+    user_timeout: float = 0.0  # TCP_USER_TIMEOUT in seconds (source "socket"); 0: not set
 
     @property
     def detection(self) -> float:
+        if self.user_timeout > 0:
+            return user_timeout_detection(self.idle, self.intvl, self.user_timeout)
         return idle_detection_seconds(self.idle, self.intvl, self.cnt)
 
 
-def keepalive_params(sock: Sock, sysctls: Sysctls) -> KeepaliveParams:
-    """Namespace sysctls, unless the visible timer proves the socket waits longer.
+def socket_params(options: SocketOptions) -> KeepaliveParams:
+    """The socket's own values, read with getsockopt: exact."""
+    return KeepaliveParams(
+        float(options.idle),
+        float(options.intvl),
+        options.cnt,
+        "socket",
+        float(options.idle),
+        options.user_timeout_ms / 1000,
+    )
+
+
+def keepalive_params(
+    sock: Sock, sysctls: Sysctls, options: SocketOptions | None = None
+) -> KeepaliveParams:
+    """The socket's ``options`` when they were read; else the namespace sysctls, unless the
+    visible timer proves the socket waits longer.
 
     With no probe out, the timer was armed for ``keepidle`` after a segment received at or
     before the last one, so ``keepidle >= idle since last receive + expiry``. sock_diag does
     not show TCP_KEEPIDLE itself; a bound above the sysctl proves an override.
     """
+    if options is not None:
+        return socket_params(options)
     idle = float(sysctls.keepalive_time)
     intvl = float(sysctls.keepalive_intvl)
     cnt = sysctls.keepalive_probes
@@ -113,10 +158,16 @@ def probing_abort_in(sock: Sock, params: KeepaliveParams) -> float:
     """Seconds until keepalive gives up on a socket with probes out.
 
     tcp_keepalive_timer aborts when it fires with ``probes_out >= keepcnt``; otherwise it
-    sends one more probe and re-arms for keepintvl.
+    sends one more probe and re-arms for keepintvl. With TCP_USER_TIMEOUT it aborts instead
+    at the first firing with the user timeout passed since the last segment received.
     """
+    expires = sock.expires_ms / 1000
+    if params.user_timeout > 0:
+        heard = recv_idle_ms(sock) / 1000 + expires  # silence when the timer next fires
+        firings = max(math.ceil((params.user_timeout - heard) / params.intvl - 1e-9), 0)
+        return expires + firings * params.intvl if params.intvl > 0 else expires
     remaining = max(params.cnt - sock.retrans, 0)
-    return sock.expires_ms / 1000 + remaining * params.intvl
+    return expires + remaining * params.intvl
 
 
 def backoff_schedule_abort_in(
@@ -128,6 +179,19 @@ def backoff_schedule_abort_in(
     (retransmits_timed_out) each time the timer fires. Elapsed time since the first
     transmission is rebuilt from the current RTO and backoff: a lower bound, like the model.
     """
+    fire, now, rto = _backoff(retransmits, rto_us, backoff, expires_ms, rto_max_ms)
+    step = retransmits + 1
+    while fire < timeout and step < 10_000:
+        fire += rto(step)
+        step += 1
+    return max(fire - now, 0.0)
+
+
+def _backoff(
+    retransmits: int, rto_us: int, backoff: int, expires_ms: int, rto_max_ms: int
+) -> tuple[float, float, Callable[[int], float]]:
+    """(pending expiry, now, rto(i)) in seconds since the first transmission of the oldest
+    unacknowledged segment, rebuilt from the current RTO and backoff."""
     rto_max = rto_max_ms / 1000
     base = max(rto_us / 1_000_000 / (1 << min(backoff, 30)), TCP_RTO_MIN_MS / 1000)
 
@@ -136,16 +200,20 @@ def backoff_schedule_abort_in(
 
     sent = sum(rto(i) for i in range(min(retransmits, 10_000)))  # when the last retransmit left
     fire = sent + rto(retransmits)  # the pending expiry
-    now = fire - expires_ms / 1000
-    step = retransmits + 1
-    while fire < timeout and step < 10_000:
-        fire += rto(step)
-        step += 1
-    return max(fire - now, 0.0)
+    return fire, fire - expires_ms / 1000, rto
 
 
-def retransmit_abort_in(sock: Sock, sysctls: Sysctls) -> float:
-    """Seconds until the kernel aborts a socket with data in flight (retries2 model)."""
+def retransmit_abort_in(sock: Sock, sysctls: Sysctls, user_timeout: float = 0.0) -> float:
+    """Seconds until the kernel aborts a socket with data in flight (retries2 model).
+
+    With TCP_USER_TIMEOUT (seconds) the user timeout replaces the model, and the kernel clamps
+    each RTO to the time left (tcp_clamp_rto_to_user_timeout): the abort comes when the
+    user timeout has passed since the first loss, or at the pending expiry if that is later.
+    """
+    if user_timeout > 0:
+        _, now, _ = _backoff(sock.retrans, sock.rto_us, sock.backoff, sock.expires_ms,
+                             sysctls.rto_max_ms)  # fmt: skip
+        return max(user_timeout - now, sock.expires_ms / 1000)
     timeout = retries2_timeout(sysctls.retries2, sysctls.rto_max_ms)
     return backoff_schedule_abort_in(
         sock.retrans, sock.rto_us, sock.backoff, sock.expires_ms, timeout, sysctls.rto_max_ms
@@ -167,12 +235,14 @@ def zero_window_abort_in(sock: Sock, sysctls: Sysctls) -> float:
     return total
 
 
-def abort_in(sock: Sock, sysctls: Sysctls) -> float | None:
-    """When the kernel will give up on this socket, if it is already trying; else None."""
+def abort_in(sock: Sock, sysctls: Sysctls, options: SocketOptions | None = None) -> float | None:
+    """When the kernel will give up on this socket, if it is already trying; else None.
+    ``options``: the socket's own keepalive values and user timeout, when they were read."""
     if sock.timer == TimerKind.KEEPALIVE and sock.retrans > 0 and sock.state in KEEPALIVE_STATES:
-        return probing_abort_in(sock, keepalive_params(sock, sysctls))
+        return probing_abort_in(sock, keepalive_params(sock, sysctls, options))
     if sock.timer == TimerKind.RETRANSMIT and sock.retrans > 0:
-        return retransmit_abort_in(sock, sysctls)
+        user_timeout = options.user_timeout_ms / 1000 if options is not None else 0.0
+        return retransmit_abort_in(sock, sysctls, user_timeout)
     if sock.timer == TimerKind.ZERO_WINDOW_PROBE and sock.retrans > 0:
         return zero_window_abort_in(sock, sysctls)
     return None

@@ -9,22 +9,34 @@ from __future__ import annotations
 import bisect
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from auditd.audit.evaluate import (
     budget_findings,
     could_flag,
     detection_times,
     loosest,
+    middlebox_cap,
     select_rule,
     socket_findings,
     sysctl_findings,
 )
-from auditd.audit.inference import keepalive_status
+from auditd.audit.inference import KEEPALIVE_STATES, keepalive_status, path_idle_ms
 from auditd.config import RuleSet, Thresholds
-from auditd.errors import KernelError
+from auditd.errors import KernelError, NamespaceGone
 from auditd.kernel import DumpStats, KernelSource, OwnerScan
-from auditd.model import Counters, Finding, Keepalive, Sock, Sysctls, TcpState, state_label
+from auditd.kernel.inspect import Inspector
+from auditd.model import (
+    Counters,
+    Finding,
+    FindingKind,
+    Keepalive,
+    Sock,
+    SocketOptions,
+    Sysctls,
+    TcpState,
+    state_label,
+)
 
 HOST_NETNS = "host"
 
@@ -32,6 +44,24 @@ HOST_NETNS = "host"
 # (ALB 60, Azure 240, AWS 350, GCP firewall 600, IPVS 900, GCP NAT 1200) and the 7200 s default.
 IDLE_BUCKETS = (10.0, 60.0, 240.0, 350.0, 600.0, 900.0, 1200.0, 3600.0, 7200.0)
 _IDLE_BOUNDS_MS = [int(b * 1000) for b in IDLE_BUCKETS]
+
+
+@dataclass(frozen=True, slots=True)
+class Inspection:
+    """Socket inspection in one namespace: sockets whose options were wanted, read, and why
+    inspection was off (no CAP_SYS_PTRACE, kernel before 5.6), said once per audit."""
+
+    wanted: int
+    read: int
+    error: str | None = None
+
+
+def inspection_error(namespaces: Iterable[NamespaceReport]) -> str | None:
+    """Why socket inspection was off in this audit (the same for every namespace), or None."""
+    for ns in namespaces:
+        if ns.inspection is not None and ns.inspection.error:
+            return ns.inspection.error
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +84,8 @@ class NamespaceReport:
     attribution_wanted: int = 0  # flagged sockets whose owner was looked for
     attribution_found: int = 0
     attribution_complete: bool = True  # False: the time budget ran out before the end
+    differs_from_host: tuple[str, ...] = ()  # sysctls whose value is not the host's
+    inspection: Inspection | None = None  # None: not asked for (--inspect-sockets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +95,8 @@ class AuditResult:
     namespaces: tuple[NamespaceReport, ...]
     findings: tuple[Finding, ...]
     errors: tuple[tuple[str, str], ...] = field(default=())  # (stage, one-line message)
+    # Namespaces gone or refused (NamespaceGone) before they could be read: (name, reason).
+    skipped_namespaces: tuple[tuple[str, str], ...] = field(default=())
 
 
 def _order(f: Finding) -> tuple[int, float, str, str]:
@@ -134,6 +168,22 @@ class _Tally:
                 visit(sock)
         self.total += total
 
+    def reclassify(self, sock: Sock, was: str, now: str) -> None:
+        """Moves a socket counted as ``was`` to keepalive status ``now`` (socket inspection)."""
+        if was == now:
+            return
+        old, new = _KA_INDEX[was], _KA_INDEX[now]
+        row = (sock.state & 63) * 3
+        self.counts[row + old] -= 1
+        self.counts[row + new] += 1
+        if sock.state == TcpState.ESTABLISHED:
+            idle = path_idle_ms(sock)
+            bucket = bisect.bisect_left(_IDLE_BOUNDS_MS, idle)
+            self.hist[old][bucket] -= 1
+            self.hist[new][bucket] += 1
+            self.idle_ms_sum[old] -= idle
+            self.idle_ms_sum[new] += idle
+
     def connections(self) -> dict[tuple[str, str], int]:
         return {
             (state_label(i // 3), Keepalive.ALL[i % 3]): n for i, n in enumerate(self.counts) if n
@@ -144,6 +194,54 @@ class _Tally:
 # /proc/*/fd scan costs a readlink per open fd, several times a socket's share of the dump.
 ATTRIBUTION_FRACTION = 0.3
 ATTRIBUTION_MIN_SECONDS = 0.2
+# With socket inspection every socket whose keepalive is on or unknown needs its owner's fd:
+# the scan is mostly a full one, and gets a budget to match (an opt-in cost, see README).
+INSPECT_ATTRIBUTION_FRACTION = 2.0
+INSPECT_ATTRIBUTION_MIN_SECONDS = 2.0
+
+
+def _may_need_options(sock: Sock) -> bool:
+    """Sockets whose keepalive settings only inspection can tell: all but the ones whose
+    timer already proves keepalive off (ESTABLISHED or CLOSE_WAIT with no timer)."""
+    return sock.inode != 0 and not (sock.timer == 0 and sock.state in KEEPALIVE_STATES)
+
+
+@dataclass(slots=True)
+class _Inspected:
+    """What socket inspection read in one namespace, and what it changed in the tally."""
+
+    options: dict[int, SocketOptions] = field(default_factory=dict)
+    wanted: int = 0
+    error: str | None = None
+    extra: list[Sock] = field(default_factory=list)  # not kept by the pre-filter, now flagged
+
+
+def _inspect(
+    inspector: Inspector,
+    candidates: list[Sock],
+    kept: list[Sock],
+    scan: OwnerScan,
+    tally: _Tally,
+) -> _Inspected:
+    """Reads the options of the candidates (and kept sockets) whose owner was found, moves
+    the ones whose keepalive status changes in the tally, and finds the sockets that the
+    exact options flag beyond the pre-filter."""
+    socks = {s.inode: s for s in candidates}
+    socks.update((s.inode, s) for s in kept if _may_need_options(s))
+    targets = [
+        (inode, scan.found[inode].pid, scan.fds[inode])
+        for inode in socks
+        if inode in scan.fds and inode in scan.found
+    ]
+    result = inspector.inspect(targets)
+    done = _Inspected(result.options, len(socks), result.error)
+    kept_inodes = {s.inode for s in kept}
+    for inode, options in result.options.items():
+        sock = socks[inode]
+        tally.reclassify(sock, keepalive_status(sock), keepalive_status(sock, options))
+        if inode not in kept_inodes and could_flag(sock, tally.limits, options):
+            done.extra.append(sock)
+    return done
 
 
 def audit_namespace(
@@ -151,12 +249,17 @@ def audit_namespace(
     source: KernelSource,
     netns: str = HOST_NETNS,
     monotonic: Callable[[], float] = time.monotonic,
+    inspector: Inspector | None = None,
 ) -> tuple[NamespaceReport, list[Finding]]:
-    """Raises KernelError when the socket dump cannot be read; everything else is best effort."""
+    """Raises KernelError when the socket dump cannot be read; everything else is best effort.
+
+    ``inspector`` (opt-in): read the exact keepalive options of every socket whose keepalive
+    is on or unknown, through its owner's fd; without it the audit infers them.
+    """
     sysctls = source.sysctls()
     counters = source.counters()
     stats = DumpStats()
-    limits = loosest(rules)
+    limits = loosest(rules, middlebox_cap(sysctls))
     kept: list[Sock] = []
     # Rules with a detection budget of their own are checked for the namespace only if they
     # match one of its sockets; that needs a rule lookup per socket until each has matched.
@@ -171,21 +274,34 @@ def audit_namespace(
                 pending.discard(rule.name)
                 matched.add(rule.name)
 
+    visit: Callable[[Sock], None] | None = note_rule if pending else None
+    candidates: list[Sock] = []  # with an inspector: the sockets to read the options of
+    if inspector is not None:
+        visit = _collector(candidates, visit)
     tally = _Tally(limits)
     dump_started = monotonic()
-    tally.run(source.sockets(stats), kept, note_rule if pending else None)
+    tally.run(source.sockets(stats), kept, visit)
     dump_seconds = monotonic() - dump_started
-    budget = max(ATTRIBUTION_MIN_SECONDS, ATTRIBUTION_FRACTION * dump_seconds)
-    wanted = [s.inode for s in kept if s.inode]
+    if inspector is None:
+        budget = max(ATTRIBUTION_MIN_SECONDS, ATTRIBUTION_FRACTION * dump_seconds)
+        wanted = [s.inode for s in kept if s.inode]
+    else:
+        budget = max(INSPECT_ATTRIBUTION_MIN_SECONDS, INSPECT_ATTRIBUTION_FRACTION * dump_seconds)
+        wanted = list({s.inode for s in (*kept, *candidates) if s.inode})
     scan = source.owners(wanted, monotonic() + budget) if wanted else OwnerScan()
     owners = scan.found
+    inspected = _Inspected() if inspector is None else _inspect(
+        inspector, candidates, kept, scan, tally
+    )  # fmt: skip
+    options = inspected.options
     findings: list[Finding] = []
-    for sock in kept:
+    for sock in (*kept, *inspected.extra):
         process = owners.get(sock.inode)
         rule = select_rule(rules, sock, process)
         if rule is not None:
             matched.add(rule.name)
-        findings.extend(socket_findings(rules, sock, process, sysctls, netns))
+        found = socket_findings(rules, sock, process, sysctls, netns, options.get(sock.inode))
+        findings.extend(found)
     findings.extend(sysctl_findings(rules, sysctls, netns))
     findings.extend(budget_findings(rules, sysctls, netns, frozenset(matched)))
 
@@ -207,8 +323,58 @@ def audit_namespace(
         attribution_wanted=len(wanted),
         attribution_found=len(owners),
         attribution_complete=scan.complete,
-    )
+        inspection=None if inspector is None else Inspection(
+            inspected.wanted, len(options), inspected.error
+        ),
+    )  # fmt: skip
     return report, findings
+
+
+def _collector(into: list[Sock], then: Callable[[Sock], None] | None) -> Callable[[Sock], None]:
+    """A ``visit`` for the tally that keeps the sockets inspection may need, then calls on."""
+    may_need, append = _may_need_options, into.append
+
+    def collect(sock: Sock) -> None:
+        if may_need(sock):
+            append(sock)
+        if then is not None:
+            then(sock)
+
+    return collect
+
+
+def _audit_retrying(
+    rules: RuleSet, source: KernelSource, name: str, inspector: Inspector | None = None
+) -> tuple[NamespaceReport, list[Finding]]:
+    try:
+        return audit_namespace(rules, source, name, inspector=inspector)
+    except KernelError as exc:
+        if not exc.transient:
+            raise
+        # ENOBUFS/EINTR: the socket table moved faster than we read it; once more.
+        return audit_namespace(rules, source, name, inspector=inspector)
+
+
+def _against_host(
+    rules: RuleSet, report: NamespaceReport, found: list[Finding], host: Sysctls
+) -> tuple[NamespaceReport, list[Finding]]:
+    """A namespace other than the host: which sysctls differ from the host's, and its
+    namespace-level findings evaluated again with the host's values in their messages.
+
+    The same findings as before: a rule's own detection budget was checked only if it
+    matched a socket, and it can only have a finding now if it had one then.
+    """
+    differs = tuple(
+        sorted(n for n, v in report.sysctls.values.items() if host.values.get(n, v) != v)
+    )
+    if not differs:
+        return report, found
+    levels = (FindingKind.SYSCTL, FindingKind.DETECTION_BUDGET)
+    budget_rules = frozenset(f.rule for f in found if f.kind == FindingKind.DETECTION_BUDGET)
+    out = [f for f in found if f.kind not in levels]
+    out.extend(sysctl_findings(rules, report.sysctls, report.netns, host))
+    out.extend(budget_findings(rules, report.sysctls, report.netns, budget_rules, host))
+    return replace(report, differs_from_host=differs), out
 
 
 def audit(
@@ -216,20 +382,33 @@ def audit(
     sources: list[tuple[str, KernelSource]],
     clock: Callable[[], float] = time.time,
     timer: Callable[[], float] = time.perf_counter,
+    inspector: Inspector | None = None,
 ) -> AuditResult:
-    """Audit each (name, source) namespace; KernelError from any propagates."""
+    """Audit each (name, source) namespace, the host first: the others are compared with its
+    sysctls. A namespace gone or refused (NamespaceGone), or any other namespace whose kernel
+    cannot be read, is skipped and listed in the result, so one broken container cannot blank
+    the rest; a KernelError from the agent's own namespace propagates."""
     started = clock()
     t0 = timer()
     reports: list[NamespaceReport] = []
     findings: list[Finding] = []
-    for name, source in sources:
+    skipped: list[tuple[str, str]] = []
+    host: Sysctls | None = None
+    for name, source in sorted(sources, key=lambda pair: pair[0] != HOST_NETNS):
         try:
-            report, found = audit_namespace(rules, source, name)
+            report, found = _audit_retrying(rules, source, name, inspector)
+        except NamespaceGone as exc:
+            skipped.append((name, str(exc)))
+            continue
         except KernelError as exc:
-            if not exc.transient:
+            if name == HOST_NETNS:
                 raise
-            # ENOBUFS/EINTR: the socket table moved faster than we read it; once more.
-            report, found = audit_namespace(rules, source, name)
+            skipped.append((name, str(exc)))
+            continue
+        if name == HOST_NETNS:
+            host = report.sysctls
+        elif host is not None:
+            report, found = _against_host(rules, report, found, host)
         reports.append(report)
         findings.extend(found)
     return AuditResult(
@@ -237,4 +416,5 @@ def audit(
         duration_seconds=timer() - t0,
         namespaces=tuple(reports),
         findings=sort_findings(findings),
+        skipped_namespaces=tuple(skipped),
     )

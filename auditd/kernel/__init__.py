@@ -7,15 +7,27 @@ the audit takes one as a parameter, tests hand in fakes or recorded dumps.
 from __future__ import annotations
 
 import os
-from collections.abc import Collection, Iterator
-from typing import Protocol
+import socket
+from collections.abc import Callable, Collection, Iterator
+from typing import Protocol, TypeVar
 
-from auditd.kernel import procfs, procs, sockdiag
-from auditd.kernel.procs import OwnerScan
+from auditd.kernel import netns, procfs, procs, sockdiag
+from auditd.kernel.netns import NamespaceRef
+from auditd.kernel.procs import OwnerCache, OwnerScan
 from auditd.kernel.sockdiag import DumpStats
 from auditd.model import Counters, Sock, Sysctls
 
-__all__ = ["DumpStats", "KernelSource", "LocalKernel", "OwnerScan"]
+T = TypeVar("T")
+
+__all__ = [
+    "DumpStats",
+    "KernelSource",
+    "LocalKernel",
+    "NamespaceKernel",
+    "NamespaceRef",
+    "OwnerCache",
+    "OwnerScan",
+]
 
 
 class KernelSource(Protocol):
@@ -43,9 +55,11 @@ class LocalKernel:
         self,
         proc_root: str = "/proc",
         netlink: sockdiag.SocketFactory = sockdiag.netlink_socket,
+        owner_cache: OwnerCache | None = None,
     ) -> None:
         self.proc_root = proc_root
         self.netlink = netlink
+        self.owner_cache = owner_cache  # kept across audits by the daemon
 
     def netns_inode(self) -> int | None:
         try:
@@ -63,4 +77,49 @@ class LocalKernel:
         return sockdiag.dump(stats, factory=self.netlink)
 
     def owners(self, inodes: Collection[int], deadline: float | None = None) -> OwnerScan:
-        return procs.find_owners(inodes, self.proc_root, deadline)
+        return procs.find_owners(inodes, self.proc_root, deadline, cache=self.owner_cache)
+
+
+class NamespaceKernel:
+    """Another network namespace, read from short-lived threads that enter it.
+
+    Each read enters anew (``netns.call_in_netns``): sysctls and counters are read inside,
+    since /proc/sys/net and /proc/thread-self/net resolve the namespace of the thread that
+    opens them; the sock_diag socket is created inside and then read from the calling
+    thread, as a socket keeps the namespace it was made in. Owners need no entering: /proc
+    and socket inodes are global. Every read raises NamespaceGone when the namespace has
+    gone or cannot be entered.
+    """
+
+    def __init__(
+        self,
+        ref: NamespaceRef,
+        proc_root: str = "/proc",
+        netlink: sockdiag.SocketFactory = sockdiag.netlink_socket,
+        owner_cache: OwnerCache | None = None,
+    ) -> None:
+        self.ref = ref
+        self.proc_root = proc_root
+        self.netlink = netlink
+        self.owner_cache = owner_cache
+
+    def _inside(self, fn: Callable[[], T]) -> T:
+        return netns.call_in_netns(self.ref.path, fn, (self.ref.dev, self.ref.ino))
+
+    def netns_inode(self) -> int | None:
+        return self.ref.ino
+
+    def sysctls(self) -> Sysctls:
+        return self._inside(lambda: procfs.read_sysctls(self.proc_root))
+
+    def counters(self) -> Counters:
+        return self._inside(lambda: procfs.read_counters(self.proc_root))
+
+    def _netlink_inside(self) -> socket.socket:
+        return self._inside(self.netlink)
+
+    def sockets(self, stats: DumpStats) -> Iterator[Sock]:
+        return sockdiag.dump(stats, factory=self._netlink_inside)
+
+    def owners(self, inodes: Collection[int], deadline: float | None = None) -> OwnerScan:
+        return procs.find_owners(inodes, self.proc_root, deadline, cache=self.owner_cache)

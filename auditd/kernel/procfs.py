@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
+from auditd.kernel import ipvs
 from auditd.model import Counters, Sysctls
 
 # Dotted name -> path below /proc/sys. Optional ones are absent on some kernels or until a
@@ -33,18 +34,36 @@ def sysctl_path(proc_root: str, name: str) -> str:
 
 
 def read_sysctls(proc_root: str = "/proc", names: Iterable[str] = SYSCTL_NAMES) -> Sysctls:
-    """The namespace's sysctls; a file that is missing or unreadable is left out."""
+    """The namespace's sysctls; a file that is missing or unreadable is left out. With them,
+    its local middleboxes: how many flows conntrack tracks, and IPVS (``auditd.kernel.ipvs``)."""
     values: dict[str, int] = {}
     for name in names:
-        try:
-            with open(sysctl_path(proc_root, name), encoding="ascii", errors="replace") as f:
-                text = f.read()
-        except OSError:
-            continue
-        parsed = parse_sysctl(text)
+        parsed = _read_int(sysctl_path(proc_root, name))
         if parsed is not None:
             values[name] = parsed
-    return Sysctls(values)
+    conntrack = _read_int(sysctl_path(proc_root, CONNTRACK_COUNT))
+    ipvs_timeout, services = ipvs.read_ipvs(_net_dir(proc_root))
+    return Sysctls(values, conntrack, ipvs_timeout, services)
+
+
+# Not a setting: whether conntrack tracks anything in the namespace (Sysctls.conntrack_timeout).
+CONNTRACK_COUNT = "net.netfilter.nf_conntrack_count"
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return parse_sysctl(f.read())
+    except OSError:
+        return None
+
+
+def _net_dir(proc_root: str) -> str:
+    """/proc/thread-self/net: the calling thread's namespace (/proc/net is the process's)."""
+    net = os.path.join(proc_root, "thread-self", "net")
+    if not os.path.isdir(net):  # fake trees and kernels before 3.17
+        net = os.path.join(proc_root, "net")
+    return net
 
 
 def parse_sysctl(text: str) -> int | None:
@@ -90,9 +109,7 @@ def _read_table(path: str) -> dict[str, dict[str, int]]:
 
 def read_counters(proc_root: str = "/proc") -> Counters:
     """TcpExt and Tcp counters of the calling thread's namespace; missing ones are None."""
-    net = os.path.join(proc_root, "thread-self", "net")
-    if not os.path.isdir(net):  # fake trees and kernels before 3.17
-        net = os.path.join(proc_root, "net")
+    net = _net_dir(proc_root)
     ext = _read_table(os.path.join(net, "netstat")).get("TcpExt", {})
     tcp = _read_table(os.path.join(net, "snmp")).get("Tcp", {})
     return Counters(

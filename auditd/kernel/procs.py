@@ -1,11 +1,18 @@
 """Which process owns a socket: socket inode -> pid through ``/proc/PID/fd``.
 
-Best effort by nature: processes exit and fds close while we look, and without
-CAP_SYS_PTRACE (or CAP_DAC_READ_SEARCH) other users' fd tables are unreadable. All of that
-is skipped silently; the caller gets the owners it could find.
+Best effort by nature: processes exit and fds close while we look, and other users' fd
+tables are unreadable without both CAP_DAC_READ_SEARCH (to list the 0500 ``fd`` directory)
+and CAP_SYS_PTRACE (to readlink its entries: ptrace_may_access). Processes that vanish are
+skipped silently; the ones we were not allowed to read are counted (``OwnerScan.denied``) so
+the caller can say why an owner is missing.
 
 Cost is one ``readlink`` per open fd on the host, so the scan only runs for the sockets the
-audit flags, and stops as soon as every wanted inode is found.
+audit flags (or, with socket inspection, the ones whose options it reads), and stops as soon as
+every wanted inode is found. The fd number of each socket found comes along: socket inspection
+duplicates it (``auditd.kernel.inspect``).
+
+The systemd unit and the container of an owner come from ``/proc/PID/cgroup``, read with the
+cgroup parser that names network namespaces (``auditd.kernel.netns``).
 """
 
 from __future__ import annotations
@@ -15,9 +22,11 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
+from auditd.kernel.netns import cgroup_paths, name_from_cgroup
 from auditd.model import ProcessInfo
 
 CMDLINE_MAX = 200
+_UNIT_SUFFIXES = (".service", ".scope")
 
 
 def _read(path: str) -> bytes:
@@ -25,8 +34,30 @@ def _read(path: str) -> bytes:
         return f.read(4096)
 
 
+def unit_and_container(cgroup: str) -> tuple[str | None, str | None]:
+    """(systemd unit, container id) of a process from the text of its /proc/PID/cgroup.
+
+    The innermost ``.service`` or ``.scope`` of the first path that has one (cgroup v2 first)
+    is the unit; the container id (12 hex digits) is what ``name_from_cgroup`` recognises as
+    a docker, containerd, cri-o or podman container in one path component.
+    ``0::/system.slice/docker-<id>.scope`` -> (``docker-<id>.scope``, ``<id12>``).
+    """
+    unit: str | None = None
+    container: str | None = None
+    for path in cgroup_paths(cgroup):
+        for part in reversed([p for p in path.split("/") if p]):
+            if unit is None and part.endswith(_UNIT_SUFFIXES):
+                unit = part
+            name = name_from_cgroup([part]) if container is None else None
+            if name is not None and name.startswith("container:"):
+                container = name.partition(":")[2]
+        if unit is not None or container is not None:
+            break
+    return unit, container
+
+
 def process_info(pid: int, proc_root: str = "/proc") -> ProcessInfo | None:
-    """Name and command line (cut short) of ``pid``, or None if it is gone."""
+    """Name, command line (cut short), unit and container of ``pid``, or None if it is gone."""
     base = os.path.join(proc_root, str(pid))
     try:
         name = _read(os.path.join(base, "comm")).decode(errors="replace").strip()
@@ -39,15 +70,65 @@ def process_info(pid: int, proc_root: str = "/proc") -> ProcessInfo | None:
     cmdline = raw.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
     if len(cmdline) > CMDLINE_MAX:
         cmdline = cmdline[: CMDLINE_MAX - 3] + "..."
-    return ProcessInfo(pid=pid, name=name, cmdline=cmdline)
+    try:
+        unit, container = unit_and_container(
+            _read(os.path.join(base, "cgroup")).decode(errors="replace")
+        )
+    except OSError:
+        unit = container = None
+    return ProcessInfo(pid=pid, name=name, cmdline=cmdline, unit=unit, container=container)
 
 
 @dataclass(frozen=True, slots=True)
 class OwnerScan:
-    """Owners found, and whether every process was looked at (False: out of time)."""
+    """Owners found, and whether every process was looked at (False: out of time, or /proc
+    could not be listed: ``error``)."""
 
     found: dict[int, ProcessInfo] = field(default_factory=dict)
     complete: bool = True
+    denied: int = 0  # processes whose fd table we were not allowed to read
+    error: str | None = None  # why /proc itself could not be listed
+    fds: dict[int, int] = field(default_factory=dict)  # inode -> its fd number in the owner
+
+
+class OwnerCache:
+    """What one scan learnt, for the next audit: socket inode -> (pid, fd, owner), and the
+    pid the last scan stopped at.
+
+    Socket inodes live as long as their sockets, so a daemon re-checks a remembered owner
+    with one readlink instead of a scan, and a scan cut short by its deadline resumes where
+    it stopped: on a busy host the owners of the flagged sockets are all known after a few
+    audits. Only owners of the sockets asked for last time are kept.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[int, tuple[int, str, ProcessInfo]] = {}
+        self.resume_after = 0  # pid
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def _recheck(
+    wanted: dict[str, int], cache: OwnerCache, proc_root: str
+) -> dict[int, tuple[int, str, ProcessInfo]]:
+    """Remembered owners that still hold their socket; the process is read again (exec)."""
+    kept: dict[int, tuple[int, str, ProcessInfo]] = {}
+    infos: dict[int, ProcessInfo | None] = {}
+    for inode, (pid, fd, _old) in cache.entries.items():
+        if f"socket:[{inode}]" not in wanted:
+            continue
+        try:
+            if os.readlink(os.path.join(proc_root, str(pid), "fd", fd)) != f"socket:[{inode}]":
+                continue
+        except OSError:
+            continue
+        if pid not in infos:
+            infos[pid] = process_info(pid, proc_root)
+        info = infos[pid]
+        if info is not None:
+            kept[inode] = (pid, fd, info)
+    return kept
 
 
 def find_owners(
@@ -55,49 +136,98 @@ def find_owners(
     proc_root: str = "/proc",
     deadline: float | None = None,
     clock: Callable[[], float] = time.monotonic,
+    cache: OwnerCache | None = None,
 ) -> OwnerScan:
     """Owner of each socket inode that some process holds open; others are left out.
 
     ``deadline`` (a ``clock`` time) bounds the scan: on a host with hundreds of thousands of
-    open fds, a full scan would cost more than the audit it serves.
+    open fds, a full scan would cost more than the audit it serves. With a ``cache``, known
+    owners are re-checked first and the scan resumes after the pid where the last one stopped.
     """
     wanted = {f"socket:[{inode}]": inode for inode in inodes if inode}
-    found: dict[int, ProcessInfo] = {}
-    if not wanted:
-        return OwnerScan(found)
+    hits_by_inode = _recheck(wanted, cache, proc_root) if cache is not None else {}
+    found: dict[int, ProcessInfo] = {inode: e[2] for inode, e in hits_by_inode.items()}
+    access = _Access()
+    complete = _scan(wanted, found, hits_by_inode, proc_root, deadline, clock, cache, access)
+    if cache is not None:
+        cache.entries = hits_by_inode
+    fds = {inode: int(entry[1]) for inode, entry in hits_by_inode.items()}
+    return OwnerScan(found, complete, access.denied, access.error, fds)
+
+
+@dataclass(slots=True)
+class _Access:
+    """What a scan was refused: fd tables of other users, or /proc itself."""
+
+    denied: int = 0
+    error: str | None = None
+
+
+def _pids(proc_root: str, resume_after: int, access: _Access) -> list[int] | None:
     try:
-        entries = os.listdir(proc_root)
-    except OSError:
-        return OwnerScan(found, complete=False)
+        pids = sorted(int(e) for e in os.listdir(proc_root) if e.isdigit())
+    except OSError as exc:
+        access.error = f"cannot list {proc_root}: {exc.strerror or exc}"
+        return None
+    # Start after the pid where the last scan stopped, then wrap around.
+    cut = next((i for i, pid in enumerate(pids) if pid > resume_after), len(pids))
+    return pids[cut:] + pids[:cut]
+
+
+def _scan(
+    wanted: dict[str, int],
+    found: dict[int, ProcessInfo],
+    entries: dict[int, tuple[int, str, ProcessInfo]],
+    proc_root: str,
+    deadline: float | None,
+    clock: Callable[[], float],
+    cache: OwnerCache | None,
+    access: _Access,
+) -> bool:
+    """Look through /proc/*/fd for the owners not found yet; True if it saw every process."""
+    if len(found) >= len(wanted):
+        return True
+    pids = _pids(proc_root, cache.resume_after if cache is not None else 0, access)
+    if pids is None:
+        return False
     readlink = os.readlink
-    for entry in entries:
-        if not entry.isdigit():
-            continue
+    for pid in pids:
         if deadline is not None and clock() > deadline:
-            return OwnerScan(found, complete=False)
+            return False
+        if cache is not None:
+            cache.resume_after = pid
         try:  # readlink relative to the open fd directory: no path building, no path walk
-            dir_fd = os.open(os.path.join(proc_root, entry, "fd"), os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:  # gone, or not ours to read
+            dir_fd = os.open(os.path.join(proc_root, str(pid), "fd"), os.O_RDONLY | os.O_DIRECTORY)
+        except PermissionError:  # another user's, without CAP_DAC_READ_SEARCH
+            access.denied += 1
             continue
-        hits: list[int] = []
+        except OSError:  # gone
+            continue
+        hits: list[tuple[int, str]] = []
         try:
             for fd in os.listdir(dir_fd):
                 try:
                     target = readlink(fd, dir_fd=dir_fd)
+                except PermissionError:  # listable but not ours: no CAP_SYS_PTRACE
+                    access.denied += 1
+                    break  # every other fd of this process would be refused too
                 except OSError:
                     continue
                 inode = wanted.get(target)
                 if inode is not None and inode not in found:
-                    hits.append(inode)
+                    hits.append((inode, fd))
         except OSError:
             pass
         finally:
             os.close(dir_fd)
         if hits:
-            info = process_info(int(entry), proc_root)
+            info = process_info(pid, proc_root)
             if info is not None:
-                for inode in hits:
+                for inode, fd in hits:
                     found[inode] = info
-            if len(found) == len(wanted):
-                break
-    return OwnerScan(found)
+                    entries[inode] = (pid, fd, info)
+            if len(found) >= len(wanted):
+                return True
+    if cache is not None:
+        cache.resume_after = 0  # a full lap: next time, start from the beginning
+    return True

@@ -187,6 +187,8 @@ def decode(buf: Buffer, stats: DumpStats) -> Iterator[Sock]:
         elif mtype == NLMSG_ERROR:
             code = -NLMSGERR.unpack_from(buf, off + 16)[0] if length >= 20 else errno.EIO
             if code:
+                if not 0 < code < 4096:  # the kernel sends -errno; anything else is garbage
+                    raise KernelError(f"sock_diag dump failed: malformed error {-code}")
                 raise KernelError(
                     f"sock_diag dump failed: {os.strerror(code)} (errno {code})", code
                 )
