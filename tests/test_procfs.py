@@ -340,3 +340,10 @@ def test_owner_cache_rechecks_and_resumes(proc_tree: Path) -> None:
     # Only the sockets asked for are remembered.
     procs.find_owners([5002], str(proc_tree), cache=cache)
     assert set(cache.entries) == {5002}
+
+
+def test_process_info_cmdline_is_one_line(tmp_path: Path) -> None:
+    write(tmp_path / "5" / "comm", "python3\n")
+    write(tmp_path / "5" / "cmdline", b"python3\0-c\0import os\n\tprint(1)\r\n\0")
+    info = procs.process_info(5, str(tmp_path))
+    assert info is not None and info.cmdline == "python3 -c import os print(1)"

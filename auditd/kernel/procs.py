@@ -68,6 +68,9 @@ def process_info(pid: int, proc_root: str = "/proc") -> ProcessInfo | None:
     except OSError:
         raw = b""
     cmdline = raw.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+    # One line: an argument may hold newlines (python -c "..."), and this text ends up in
+    # a table row and in log lines.
+    cmdline = " ".join(cmdline.split()) if not cmdline.isprintable() else cmdline
     if len(cmdline) > CMDLINE_MAX:
         cmdline = cmdline[: CMDLINE_MAX - 3] + "..."
     try:
