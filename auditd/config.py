@@ -27,26 +27,16 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from auditd.model import Severity, TcpState
+from auditd.model import SYSCTL_NAMES, Severity, TcpState
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_CONFIG_PATH = "/etc/keepalive-auditd/rules.yaml"
 BUILTIN_SOURCE = "<built-in>"
 
-# The sysctls a ``sysctls:`` bound may name: those that decide how fast a dead peer is noticed.
-KNOWN_SYSCTLS = (
-    "net.ipv4.tcp_keepalive_time",
-    "net.ipv4.tcp_keepalive_intvl",
-    "net.ipv4.tcp_keepalive_probes",
-    "net.ipv4.tcp_retries1",
-    "net.ipv4.tcp_retries2",
-    "net.ipv4.tcp_syn_retries",
-    "net.ipv4.tcp_fin_timeout",
-    "net.ipv4.tcp_orphan_retries",
-    "net.ipv4.tcp_rto_max_ms",
-    "net.netfilter.nf_conntrack_tcp_timeout_established",
-)
+# The sysctls a ``sysctls:`` bound may name: those the agent reads (they decide how fast a
+# dead peer is noticed).
+KNOWN_SYSCTLS = SYSCTL_NAMES
 
 # Findings of sockets that no rule matches carry this rule name (audit.evaluate.DEFAULT_RULE);
 # a user rule of the same name would be indistinguishable from them in output and metrics.
@@ -270,8 +260,9 @@ def load_rules_or_default(path: str | None) -> RuleSet:
         return builtin_rules()
 
 
-def parse_rules(text: str, source: str) -> RuleSet:
-    """Parse the text of a rules file; ``source`` names it in errors and in the RuleSet."""
+def compose_yaml(text: str, source: str) -> Node | None:
+    """The node tree of a YAML document (line numbers kept for errors); ConfigError if it is
+    not YAML. Shared by the rules file and the web config file."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
@@ -291,6 +282,12 @@ def parse_rules(text: str, source: str) -> RuleSet:
         raise ConfigError(_one_line(f"{source}:1: invalid YAML: {exc}")) from None
     except RecursionError:  # the composer recurses once per nesting level
         raise ConfigError(f"{_one_line(source)}:1: invalid YAML: nested too deeply") from None
+    return root
+
+
+def parse_rules(text: str, source: str) -> RuleSet:
+    """Parse the text of a rules file; ``source`` names it in errors and in the RuleSet."""
+    root = compose_yaml(text, source)
     if root is None or (isinstance(root, ScalarNode) and root.tag == _NULL):
         return RuleSet(source=source)  # an empty file (or only comments): the builtin defaults
     try:

@@ -13,6 +13,22 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import NamedTuple
 
+# The sysctls read in every namespace, dotted (a path below /proc/sys). Optional ones are
+# absent on some kernels or until a module loads (tcp_rto_max_ms: Linux 6.15+; conntrack:
+# nf_conntrack loaded).
+SYSCTL_NAMES: tuple[str, ...] = (
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+    "net.ipv4.tcp_retries1",
+    "net.ipv4.tcp_retries2",
+    "net.ipv4.tcp_syn_retries",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_orphan_retries",
+    "net.ipv4.tcp_rto_max_ms",
+    "net.netfilter.nf_conntrack_tcp_timeout_established",
+)
+
 
 class TcpState(IntEnum):
     """TCP states as numbered in include/net/tcp_states.h."""

@@ -44,7 +44,6 @@ import threading
 from dataclasses import dataclass, field
 
 import bcrypt
-import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode
 
 from auditd.config import (
@@ -57,6 +56,7 @@ from auditd.config import (
     _sequence,
     _show,
     _string,
+    compose_yaml,
     read_config_file,
 )
 
@@ -153,15 +153,7 @@ def load_web_config(path: str) -> WebConfig:
 
 def parse_web_config(text: str, source: str) -> WebConfig:
     """The web config in ``text``; relative file names are taken from ``source``'s directory."""
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else 1
-        problem = exc.problem or exc.context or "syntax error"
-        raise ConfigError(_one_line(f"{source}:{line}: invalid YAML: {problem}")) from None
-    except (yaml.YAMLError, RecursionError) as exc:
-        raise ConfigError(_one_line(f"{source}:1: invalid YAML: {exc}")) from None
+    root = compose_yaml(text, source)
     if root is None or (isinstance(root, ScalarNode) and root.tag == _NULL):
         return WebConfig(source=source)
     try:

@@ -11,22 +11,7 @@ import os
 from collections.abc import Iterable
 
 from auditd.kernel import ipvs
-from auditd.model import Counters, Sysctls
-
-# Dotted name -> path below /proc/sys. Optional ones are absent on some kernels or until a
-# module loads (tcp_rto_max_ms: Linux 6.15+; conntrack: nf_conntrack loaded).
-SYSCTL_NAMES: tuple[str, ...] = (
-    "net.ipv4.tcp_keepalive_time",
-    "net.ipv4.tcp_keepalive_intvl",
-    "net.ipv4.tcp_keepalive_probes",
-    "net.ipv4.tcp_retries1",
-    "net.ipv4.tcp_retries2",
-    "net.ipv4.tcp_syn_retries",
-    "net.ipv4.tcp_fin_timeout",
-    "net.ipv4.tcp_orphan_retries",
-    "net.ipv4.tcp_rto_max_ms",
-    "net.netfilter.nf_conntrack_tcp_timeout_established",
-)
+from auditd.model import SYSCTL_NAMES, Counters, Sysctls
 
 
 def sysctl_path(proc_root: str, name: str) -> str:
