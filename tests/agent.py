@@ -60,16 +60,24 @@ class Scrape:
                 self.samples.setdefault(s.name, {})[frozenset(s.labels.items())] = s.value
 
     def total(self, name: str, **labels: str) -> float:
+        """Sum over the samples of ``name`` whose labels include ``labels``."""
         want = set(labels.items())
         return sum(v for k, v in self.samples.get(name, {}).items() if want <= k)
+
+    def value(self, name: str, **labels: str) -> float:
+        return self.samples[name][frozenset(labels.items())]
+
+    def label_values(self, name: str, label: str) -> set[str]:
+        return {dict(k)[label] for k in self.samples.get(name, {})}
 
     def errors(self, stage: str) -> float:
         return self.total("keepalive_audit_errors_total", stage=stage)
 
     @property
-    def last_success(self) -> float:
+    def last_success(self) -> float | None:
+        """Start of the last successful audit; None before the first one."""
         got = self.samples.get("keepalive_audit_last_success_timestamp_seconds", {})
-        return next(iter(got.values()), 0.0)
+        return next(iter(got.values()), None)
 
 
 @dataclass(frozen=True)
@@ -146,7 +154,7 @@ class Agent:
     def wait_audit(self, after: float, timeout: float = 15.0, **kwargs: Any) -> Scrape:
         def probe() -> Scrape | None:
             got = self.try_scrape(**kwargs)
-            return got if got is not None and got.last_success > after else None
+            return got if got is not None and (got.last_success or 0) > after else None
 
         result: Scrape = wait_for(f"an audit started after {after:.3f}", probe, timeout)
         return result

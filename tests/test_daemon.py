@@ -30,7 +30,7 @@ from typing import Any
 
 import netlab
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from agent import Scrape
 
 from auditd import logs, notify
 
@@ -41,37 +41,10 @@ SYSCTLS = {
     "keepalive_sysctl_tcp_keepalive_probes": "net/ipv4/tcp_keepalive_probes",
     "keepalive_sysctl_tcp_retries2": "net/ipv4/tcp_retries2",
 }
-LAST_SUCCESS = "keepalive_audit_last_success_timestamp_seconds"
 RULES_V1 = "version: 1\nrules:\n  - name: alpha\n    match: {remote_ports: [5432]}\n"
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-
-class Scrape:
-    """One parsed exposition: sample name -> {label set: value}."""
-
-    def __init__(self, text: str) -> None:
-        self.samples: dict[str, dict[frozenset[tuple[str, str]], float]] = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                self.samples.setdefault(s.name, {})[frozenset(s.labels.items())] = s.value
-
-    def total(self, name: str, **labels: str) -> float:
-        """Sum over the samples of ``name`` whose labels include ``labels``."""
-        want = set(labels.items())
-        return sum(v for k, v in self.samples.get(name, {}).items() if want <= k)
-
-    def value(self, name: str, **labels: str) -> float:
-        return self.samples[name][frozenset(labels.items())]
-
-    def label_values(self, name: str, label: str) -> set[str]:
-        return {dict(k)[label] for k in self.samples.get(name, {})}
-
-    @property
-    def last_success(self) -> float | None:
-        got = self.samples.get(LAST_SUCCESS, {})
-        return next(iter(got.values()), None)
 
 
 def fetch(url: str) -> str:
