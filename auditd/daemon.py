@@ -25,7 +25,7 @@ from auditd.config import ConfigError, RuleSet, load_rules, load_rules_or_defaul
 from auditd.errors import AuditdError, KernelError
 from auditd.exporter import ExporterState
 from auditd.http import MetricsServer
-from auditd.kernel import KernelSource, LocalKernel, NamespaceKernel, OwnerCache
+from auditd.kernel import KernelSource, LocalKernel, OwnerCache
 from auditd.kernel.inspect import SocketInspector
 from auditd.kernel.limits import Problems, observe
 from auditd.model import Finding, Severity
@@ -212,7 +212,7 @@ class Daemon:
         sources = self.sources()
         caches: dict[str, OwnerCache] = {}
         for name, source in sources:
-            if isinstance(source, (LocalKernel, NamespaceKernel)) and source.owner_cache is None:
+            if isinstance(source, LocalKernel) and source.owner_cache is None:  # or NamespaceKernel
                 cache = self.owner_caches.get(name)  # (an empty cache is falsy: no `or`)
                 source.owner_cache = cache if cache is not None else OwnerCache()
                 caches[name] = source.owner_cache

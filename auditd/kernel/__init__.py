@@ -80,7 +80,7 @@ class LocalKernel:
         return procs.find_owners(inodes, self.proc_root, deadline, cache=self.owner_cache)
 
 
-class NamespaceKernel:
+class NamespaceKernel(LocalKernel):
     """Another network namespace, read from short-lived threads that enter it.
 
     Each read enters anew (``netns.call_in_netns``): sysctls and counters are read inside,
@@ -98,10 +98,8 @@ class NamespaceKernel:
         netlink: sockdiag.SocketFactory = sockdiag.netlink_socket,
         owner_cache: OwnerCache | None = None,
     ) -> None:
+        super().__init__(proc_root, netlink, owner_cache)
         self.ref = ref
-        self.proc_root = proc_root
-        self.netlink = netlink
-        self.owner_cache = owner_cache
 
     def _inside(self, fn: Callable[[], T]) -> T:
         return netns.call_in_netns(self.ref.path, fn, (self.ref.dev, self.ref.ino))
@@ -120,6 +118,3 @@ class NamespaceKernel:
 
     def sockets(self, stats: DumpStats) -> Iterator[Sock]:
         return sockdiag.dump(stats, factory=self._netlink_inside)
-
-    def owners(self, inodes: Collection[int], deadline: float | None = None) -> OwnerScan:
-        return procs.find_owners(inodes, self.proc_root, deadline, cache=self.owner_cache)
