@@ -94,8 +94,7 @@ class AuditResult:
     duration_seconds: float
     namespaces: tuple[NamespaceReport, ...]
     findings: tuple[Finding, ...]
-    errors: tuple[tuple[str, str], ...] = field(default=())  # (stage, one-line message)
-    # Namespaces gone or refused (NamespaceGone) before they could be read: (name, reason).
+    # Namespaces that could not be read (gone, refused, or their kernel failed): (name, reason).
     skipped_namespaces: tuple[tuple[str, str], ...] = field(default=())
 
 
