@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from auditd.audit.evaluate import (
     budget_findings,
@@ -29,7 +29,6 @@ from auditd.kernel.inspect import Inspector
 from auditd.model import (
     Counters,
     Finding,
-    FindingKind,
     Keepalive,
     Sock,
     SocketOptions,
@@ -249,8 +248,11 @@ def audit_namespace(
     netns: str = HOST_NETNS,
     monotonic: Callable[[], float] = time.monotonic,
     inspector: Inspector | None = None,
+    host: Sysctls | None = None,
 ) -> tuple[NamespaceReport, list[Finding]]:
     """Raises KernelError when the socket dump cannot be read; everything else is best effort.
+    ``host``: the host namespace's sysctls when this is another namespace, so namespace-level
+    findings say where it differs (it did not inherit the host's tuning).
 
     ``inspector`` (opt-in): read the exact keepalive options of every socket whose keepalive
     is on or unknown, through its owner's fd; without it the audit infers them.
@@ -301,8 +303,11 @@ def audit_namespace(
             matched.add(rule.name)
         found = socket_findings(rules, sock, process, sysctls, netns, options.get(sock.inode))
         findings.extend(found)
-    findings.extend(sysctl_findings(rules, sysctls, netns))
-    findings.extend(budget_findings(rules, sysctls, netns, frozenset(matched)))
+    findings.extend(sysctl_findings(rules, sysctls, netns, host))
+    findings.extend(budget_findings(rules, sysctls, netns, frozenset(matched), host))
+    differs = () if host is None else tuple(
+        sorted(n for n, v in sysctls.values.items() if host.values.get(n, v) != v)
+    )  # fmt: skip
 
     idle, in_flight = detection_times(sysctls)
     report = NamespaceReport(
@@ -325,6 +330,7 @@ def audit_namespace(
         inspection=None if inspector is None else Inspection(
             inspected.wanted, len(options), inspected.error
         ),
+        differs_from_host=differs,
     )  # fmt: skip
     return report, findings
 
@@ -343,37 +349,19 @@ def _collector(into: list[Sock], then: Callable[[Sock], None] | None) -> Callabl
 
 
 def _audit_retrying(
-    rules: RuleSet, source: KernelSource, name: str, inspector: Inspector | None = None
+    rules: RuleSet,
+    source: KernelSource,
+    name: str,
+    inspector: Inspector | None = None,
+    host: Sysctls | None = None,
 ) -> tuple[NamespaceReport, list[Finding]]:
     try:
-        return audit_namespace(rules, source, name, inspector=inspector)
+        return audit_namespace(rules, source, name, inspector=inspector, host=host)
     except KernelError as exc:
         if not exc.transient:
             raise
         # ENOBUFS/EINTR: the socket table moved faster than we read it; once more.
-        return audit_namespace(rules, source, name, inspector=inspector)
-
-
-def _against_host(
-    rules: RuleSet, report: NamespaceReport, found: list[Finding], host: Sysctls
-) -> tuple[NamespaceReport, list[Finding]]:
-    """A namespace other than the host: which sysctls differ from the host's, and its
-    namespace-level findings evaluated again with the host's values in their messages.
-
-    The same findings as before: a rule's own detection budget was checked only if it
-    matched a socket, and it can only have a finding now if it had one then.
-    """
-    differs = tuple(
-        sorted(n for n, v in report.sysctls.values.items() if host.values.get(n, v) != v)
-    )
-    if not differs:
-        return report, found
-    levels = (FindingKind.SYSCTL, FindingKind.DETECTION_BUDGET)
-    budget_rules = frozenset(f.rule for f in found if f.kind == FindingKind.DETECTION_BUDGET)
-    out = [f for f in found if f.kind not in levels]
-    out.extend(sysctl_findings(rules, report.sysctls, report.netns, host))
-    out.extend(budget_findings(rules, report.sysctls, report.netns, budget_rules, host))
-    return replace(report, differs_from_host=differs), out
+        return audit_namespace(rules, source, name, inspector=inspector, host=host)
 
 
 def audit(
@@ -395,19 +383,14 @@ def audit(
     host: Sysctls | None = None
     for name, source in sorted(sources, key=lambda pair: pair[0] != HOST_NETNS):
         try:
-            report, found = _audit_retrying(rules, source, name, inspector)
-        except NamespaceGone as exc:
-            skipped.append((name, str(exc)))
-            continue
+            report, found = _audit_retrying(rules, source, name, inspector, host)
         except KernelError as exc:
-            if name == HOST_NETNS:
+            if name == HOST_NETNS and not isinstance(exc, NamespaceGone):
                 raise
             skipped.append((name, str(exc)))
             continue
         if name == HOST_NETNS:
             host = report.sysctls
-        elif host is not None:
-            report, found = _against_host(rules, report, found, host)
         reports.append(report)
         findings.extend(found)
     return AuditResult(
