@@ -13,7 +13,13 @@ import sys
 from collections.abc import Callable, Sequence
 
 from auditd import __version__
-from auditd.audit.run import HOST_NETNS, AuditResult, audit, inspection_error
+from auditd.audit.run import (
+    DEFAULT_MAX_FINDINGS,
+    HOST_NETNS,
+    AuditResult,
+    audit,
+    inspection_error,
+)
 from auditd.config import (
     DEFAULT_CONFIG_PATH,
     ConfigError,
@@ -62,6 +68,22 @@ INSPECT_HELP = (
 )
 
 
+MAX_FINDINGS_HELP = (
+    f"describe at most N socket findings, the worst (default {DEFAULT_MAX_FINDINGS}; 0: all); "
+    "the others are counted, and only the sockets described are attributed to a process"
+)
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Find TCP connections at risk of going half-open.")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -79,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--netns", choices=NETNS_CHOICES, default="self", help=NETNS_HELP)
     a.add_argument("--inspect-sockets", action="store_true", help=INSPECT_HELP)
+    a.add_argument(
+        "--max-findings",
+        type=_count,
+        default=DEFAULT_MAX_FINDINGS,
+        metavar="N",
+        help=MAX_FINDINGS_HELP,
+    )
 
     e = sub.add_parser("explain", help="show the arithmetic behind the detection times")
     e.add_argument("--config", metavar="FILE")
@@ -132,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--audit.inspect-sockets", dest="inspect_sockets", action="store_true", help=INSPECT_HELP
     )
     r.add_argument(
+        "--audit.max-findings",
+        dest="max_findings",
+        type=_count,
+        default=DEFAULT_MAX_FINDINGS,
+        metavar="N",
+        help=MAX_FINDINGS_HELP + "; the logs follow the findings described",
+    )
+    r.add_argument(
         "--log.level", dest="log_level", default="info", choices=("debug", "info", "warn", "error")
     )
     r.add_argument("--log.format", dest="log_format", default="logfmt", choices=("logfmt", "json"))
@@ -167,7 +204,8 @@ def _exit_code(result: AuditResult, fail_on: str) -> int:
     if fail_on == "never":
         return EXIT_OK
     threshold = Severity.parse(fail_on)
-    return EXIT_FINDINGS if any(f.severity >= threshold for f in result.findings) else EXIT_OK
+    counts = result.severity_counts()  # every finding, described or not
+    return EXIT_FINDINGS if any(counts[s] for s in Severity if s >= threshold) else EXIT_OK
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -176,7 +214,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     rules = _load(args.config)
     problems = Problems()
     inspector = SocketInspector() if args.inspect_sockets else None
-    result = audit(rules, observe(args.sources(), problems), inspector=inspector)
+    sources = observe(args.sources(), problems)
+    result = audit(rules, sources, inspector=inspector, max_findings=args.max_findings)
     out = report.to_json(result) + "\n" if args.format == "json" else report.to_table(result)
     sys.stdout.write(out)
     sys.stdout.flush()
@@ -233,7 +272,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     log = logs.setup(args.log_level, args.log_format)
     options = DaemonOptions(
         args.config_file, interval, args.listen, args.telemetry_path, args.web_config_file,
-        inspect_sockets=args.inspect_sockets,
+        inspect_sockets=args.inspect_sockets, max_findings=args.max_findings,
     )  # fmt: skip
     daemon = Daemon(options, args.sources, log)
     daemon.install_signals()  # first: a SIGHUP during start-up must not kill the process

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from types import FrameType
 
 from auditd import __version__, logs
-from auditd.audit.run import AuditResult, audit, inspection_error
+from auditd.audit.run import DEFAULT_MAX_FINDINGS, AuditResult, audit, inspection_error
 from auditd.config import ConfigError, RuleSet, load_rules, load_rules_or_default
 from auditd.errors import AuditdError, KernelError
 from auditd.exporter import ExporterState
@@ -47,13 +47,12 @@ class DaemonOptions:
     web_config_path: str | None = None  # --web.config.file: TLS and basic auth
     listen_retry: float = 5.0  # most seconds between attempts to bind a busy listen address
     inspect_sockets: bool = False  # --audit.inspect-sockets: exact keepalive options
+    max_findings: int = DEFAULT_MAX_FINDINGS  # socket findings described (and logged)
 
 
 def summary(result: AuditResult) -> str:
     sockets = sum(ns.sockets for ns in result.namespaces)
-    sev = {s: 0 for s in Severity}
-    for f in result.findings:
-        sev[f.severity] += 1
+    sev = result.severity_counts()
     skipped = f" ({len(result.skipped_namespaces)} skipped)" if result.skipped_namespaces else ""
     return (
         f"audited {sockets} sockets in {len(result.namespaces)} netns{skipped} in "
@@ -94,6 +93,7 @@ class Daemon:
         self._lock = threading.Lock()
         self.state = ExporterState()
         self.open: dict[tuple[str | None, ...], Finding] = {}
+        self.truncated = False  # the last audit had findings beyond --audit.max-findings
         self.last_cycle = time.monotonic()
         self.audits = 0
         self._failing: dict[str, str] = {}  # stage -> the error last logged for it
@@ -165,7 +165,11 @@ class Daemon:
             problems = Problems()
             inspector = SocketInspector() if self.options.inspect_sockets else None
             result = audit(
-                rules, observe(self._sources(), problems), clock=self.clock, inspector=inspector
+                rules,
+                observe(self._sources(), problems),
+                clock=self.clock,
+                inspector=inspector,
+                max_findings=self.options.max_findings,
             )
         except KernelError as exc:
             self._fail("dump", str(exc))
@@ -243,6 +247,26 @@ class Daemon:
             self._update(errors={**self.state.errors, "log": dropped})
 
     def _log_changes(self, result: AuditResult) -> None:
+        """Log the findings described that are new or changed severity, and the ones that
+        cleared. Beyond --audit.max-findings the logs follow the findings described: when
+        some were only counted, one leaving the list may have been pushed out, not cleared,
+        so clears are not logged then, and the crossing of the limit is logged once."""
+        truncated = result.findings_omitted > 0
+        if truncated != self.truncated:
+            if truncated:
+                self.log.warning(
+                    "more findings than --audit.max-findings: the worst are described and "
+                    "logged, the rest counted in keepalive_findings",
+                    extra={
+                        "findings": result.findings_total,
+                        "max_findings": self.options.max_findings,
+                    },
+                )
+            else:
+                self.log.info("all findings described again", extra={
+                    "findings": result.findings_total
+                })  # fmt: skip
+            self.truncated = truncated
         current = {f.key: f for f in result.findings}
         for key, f in current.items():
             before = self.open.get(key)
@@ -256,7 +280,7 @@ class Daemon:
                     extra={**_finding_fields(f), "was": before.severity.label, "hint": f.hint},
                 )
         for key, f in self.open.items():
-            if key not in current:
+            if key not in current and not truncated:
                 self.log.info("finding cleared", extra=_finding_fields(f))
         self.open = current
 

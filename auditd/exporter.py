@@ -228,11 +228,10 @@ def _findings(result: AuditResult, rules: RuleSet) -> Iterator[Metric]:
         labels=["netns", "kind", "severity", "rule"],
     )
     counts: dict[tuple[str, str, str, str], int] = {}
-    for f in result.findings:
-        key = (f.netns, f.kind, f.severity.label, f.rule)
-        counts[key] = counts.get(key, 0) + 1
     names = rule_names(rules)
-    for ns in result.namespaces:
+    for ns in result.namespaces:  # every finding, described in the report or not
+        for (kind, severity, rule), n in ns.finding_counts.items():
+            counts[(ns.netns, kind, severity, rule)] = n
         for kind in FindingKind.ALL:
             for sev in Severity:
                 for rule in names:

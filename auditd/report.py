@@ -97,6 +97,10 @@ def namespace_dict(ns: NamespaceReport) -> dict[str, Any]:
             "found": ns.attribution_found,
             "complete": ns.attribution_complete,
         },
+        "finding_counts": [
+            {"kind": kind, "severity": severity, "rule": rule, "count": n}
+            for (kind, severity, rule), n in sorted(ns.finding_counts.items())
+        ],
         "inspection": None
         if ns.inspection is None
         else {
@@ -117,6 +121,8 @@ def to_json(result: AuditResult) -> str:
             {"netns": name, "reason": reason} for name, reason in result.skipped_namespaces
         ],
         "findings": [finding_dict(f) for f in result.findings],
+        "findings_total": result.findings_total,
+        "findings_omitted": result.findings_omitted,
     }
     return json.dumps(doc, indent=2, ensure_ascii=False)
 
@@ -194,13 +200,17 @@ def to_table(result: AuditResult) -> str:
             if f.pid is not None:
                 lines.append(f"    who: {_owner(f)}")
         del i
-    by_sev: dict[str, int] = {}
-    for f in result.findings:
-        by_sev[f.severity.label] = by_sev.get(f.severity.label, 0) + 1
+    by_sev = result.severity_counts()
     lines.append("")
     lines.append(
-        f"{len(result.findings)} findings: "
-        + ", ".join(f"{by_sev.get(s, 0)} {s}" for s in ("critical", "warning", "info"))
+        f"{result.findings_total} findings: "
+        + ", ".join(f"{by_sev[s]} {s.label}" for s in sorted(by_sev, reverse=True))
+        + (
+            f"; the worst {len(result.findings)} listed, {result.findings_omitted} more "
+            f"counted only (--max-findings)"
+            if result.findings_omitted
+            else ""
+        )
     )
     return "\n".join(lines) + "\n"
 

@@ -188,3 +188,42 @@ def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) 
 
 def test_local_sources_is_the_host_namespace() -> None:
     assert [name for name, _ in cli.local_sources()] == ["host"]
+
+
+# --- --max-findings ---------------------------------------------------------------------------
+
+
+def test_max_findings_lists_the_worst_and_counts_the_rest(
+    good: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Idle 320 s under the 350 s default: warnings.
+    warn = [make_sock(inode=100 + i, sport=30000 + i, dport=80, idle_s=320) for i in range(5)]
+    socks = (CLOSE_WAIT, *warn, IDLE_PG)
+    argv = ["audit", "--config", str(good), "--format", "json", "--max-findings", "2"]
+    # --fail-on looks at every finding: the critical one is described, the warnings counted.
+    assert cli.main([*argv, "--fail-on", "warning"], sources=fake(*socks)) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert [f["kind"] for f in doc["findings"]] == ["idle_no_keepalive", "idle_no_keepalive"]
+    assert [f["severity"] for f in doc["findings"]] == ["critical", "warning"]
+    assert (doc["findings_total"], doc["findings_omitted"]) == (7, 5)
+    assert doc["namespaces"][0]["finding_counts"] == [
+        {"kind": "close_wait", "severity": "warning", "rule": "pg", "count": 1},
+        {"kind": "idle_no_keepalive", "severity": "critical", "rule": "pg", "count": 1},
+        {"kind": "idle_no_keepalive", "severity": "warning", "rule": "default", "count": 5},
+    ]
+    assert cli.main(["audit", "--config", str(good), "--max-findings", "1"], sources=fake(*socks))
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == ("7 findings: 1 critical, 6 warning, 0 info; the worst 1 listed, 6 more "
+                    "counted only (--max-findings)")  # fmt: skip
+    assert cli.main([*argv[:-2], "--max-findings", "0"], sources=fake(*socks)) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert (len(doc["findings"]), doc["findings_omitted"]) == (7, 0)
+
+
+@pytest.mark.parametrize("value", ["-1", "many", "1.5", ""])
+def test_max_findings_bad_value_is_one_line(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["audit", "--max-findings", value], sources=fake())
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "--max-findings" in err[0], err

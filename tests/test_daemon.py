@@ -662,3 +662,51 @@ def test_owner_caches_survive_across_cycles() -> None:
     names[0] = ["host"]
     daemon._sources()
     assert set(daemon.owner_caches) == {"host"}  # a namespace gone takes its cache along
+
+
+def test_findings_beyond_the_limit_are_counted_and_not_logged() -> None:
+    """--audit.max-findings: the worst are logged, the crossing of the limit once, every
+    finding counted in the metrics, and no clears while findings are left out."""
+    import io
+    import json as _json
+
+    from helpers import FakeKernel, make_sock
+    from prometheus_client import generate_latest
+
+    from auditd.daemon import Daemon, DaemonOptions
+    from auditd.exporter import make_registry
+
+    idle = [make_sock(inode=10 + i, sport=20000 + i, dport=80, idle_s=400 + i) for i in range(50)]
+    socks = [idle]
+    stream = io.StringIO()
+    daemon = Daemon(
+        DaemonOptions(None, max_findings=3),
+        lambda: [("host", FakeKernel(socks[0]))],
+        logs.setup("info", "json", stream),
+    )
+    critical = 'kind="idle_no_keepalive",netns="host",rule="default",severity="critical"'
+    seen = []
+    for step in (idle, idle[:-1], idle[:2]):  # all; the worst one closed; 48 closed
+        socks[0] = step
+        assert daemon.audit_once() is not None
+        text = generate_latest(make_registry(lambda: daemon.state)).decode()
+        seen.append(re.findall(rf"keepalive_findings{{{critical}}} (\S+)", text))
+    assert seen == [["50.0"], ["49.0"], ["2.0"]]  # every finding counted, 3 described
+    lines = [_json.loads(line) for line in stream.getvalue().splitlines()]
+    events = [(line["msg"].split(":")[0], line.get("local")) for line in lines]
+    assert events == [
+        ("more findings than --audit.max-findings", None),
+        ("finding", "10.0.0.1:20049"),  # the longest idle first
+        ("finding", "10.0.0.1:20048"),
+        ("finding", "10.0.0.1:20047"),
+        ("finding", None),  # detection_budget: namespace findings are always described
+        ("finding", None),
+        ("finding", "10.0.0.1:20046"),  # moved up when 20049 closed; that clear is not logged
+        ("all findings described again", None),
+        ("finding", "10.0.0.1:20001"),
+        ("finding", "10.0.0.1:20000"),
+        ("finding cleared", "10.0.0.1:20048"),
+        ("finding cleared", "10.0.0.1:20047"),
+        ("finding cleared", "10.0.0.1:20046"),
+    ]
+    assert lines[0]["findings"] == 50 + 2  # and the two detection_budget findings

@@ -17,7 +17,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from auditd import __version__
-from auditd.audit.run import IDLE_BUCKETS, AuditResult, NamespaceReport, audit
+from auditd.audit.run import IDLE_BUCKETS, AuditResult, NamespaceReport, audit, count_findings
 from auditd.config import Match, Rule, RuleSet
 from auditd.exporter import ExporterState, make_registry
 from auditd.model import (
@@ -103,7 +103,7 @@ def finding(kind: str, severity: Severity, rule: str, **extra: object) -> Findin
     return Finding(kind, severity, rule, "host", message="m", hint="h", **extra)  # type: ignore[arg-type]
 
 
-def namespace(netns: str = "host") -> NamespaceReport:
+def namespace(netns: str = "host", findings: tuple[Finding, ...] = ()) -> NamespaceReport:
     off = [0] * (len(IDLE_BUCKETS) + 1)
     off[0], off[2], off[-1] = 2, 1, 1  # two under 10 s, one in (60, 240], one over 7200
     on = [0] * (len(IDLE_BUCKETS) + 1)
@@ -124,6 +124,7 @@ def namespace(netns: str = "host") -> NamespaceReport:
         sockets=12,
         idle_histogram={"off": off, "on": on},
         idle_sum={"off": 7300.5, "on": 700.0},
+        finding_counts=count_findings(findings),
     )
 
 
@@ -143,7 +144,7 @@ FINDINGS = (
 RESULT = AuditResult(
     generated_at=1_700_000_000.0,
     duration_seconds=0.25,
-    namespaces=(namespace(),),
+    namespaces=(namespace(findings=FINDINGS),),
     findings=FINDINGS,
 )
 STATE = ExporterState(
@@ -174,6 +175,18 @@ def test_findings_every_rule_kind_severity_present_and_counted() -> None:
     assert got == expected
 
 
+def test_findings_counted_beyond_the_ones_described() -> None:
+    # --audit.max-findings 1: the report describes one finding, the metric counts all 3000.
+    counts = {("idle_no_keepalive", "warning", "default"): 3000}
+    ns = replace(namespace(), finding_counts=counts)
+    result = AuditResult(0.0, 0.1, (ns,), FINDINGS[:1], findings_omitted=2999)
+    got = values(render(ExporterState(result=result, rules=RULES))["keepalive_findings"])
+    assert (
+        got[key(netns="host", kind="idle_no_keepalive", severity="warning", rule="default")] == 3000
+    )
+    assert sum(got.values()) == 3000
+
+
 def test_findings_of_a_rule_no_longer_configured_still_counted() -> None:
     # After a reload renames a rule, the last result still carries the old name.
     state = ExporterState(result=RESULT, rules=RuleSet())
@@ -183,7 +196,7 @@ def test_findings_of_a_rule_no_longer_configured_still_counted() -> None:
 
 
 def test_findings_series_per_namespace() -> None:
-    result = AuditResult(0.0, 0.1, (namespace("host"), namespace("kaud-1")), FINDINGS)
+    result = AuditResult(0.0, 0.1, (namespace("host", FINDINGS), namespace("kaud-1")), FINDINGS)
     got = values(render(ExporterState(result=result, rules=RULES))["keepalive_findings"])
     per_ns = {ns: sum(1 for k in got if dict(k)["netns"] == ns) for ns in ("host", "kaud-1")}
     assert per_ns == {"host": len(KINDS) * 3 * 3, "kaud-1": len(KINDS) * 3 * 3}

@@ -21,11 +21,12 @@ from auditd.model import ProcessInfo, TcpState
 # agree. Removing or renaming a key bumps SCHEMA_VERSION (report.py).
 
 TOP_KEYS = {"schema_version", "generated_at", "duration_seconds", "namespaces", "findings",
-            "skipped_namespaces"}  # fmt: skip
+            "skipped_namespaces", "findings_total", "findings_omitted"}  # fmt: skip
 NAMESPACE_KEYS = {
     "netns", "inode", "sysctls", "differs_from_host", "detection", "sockets", "counters", "dump",
-    "attribution", "inspection",
+    "attribution", "inspection", "finding_counts",
 }  # fmt: skip
+FINDING_COUNT_KEYS = {"kind", "severity", "rule", "count"}
 ATTRIBUTION_KEYS = {"wanted", "found", "complete"}
 DETECTION_KEYS = {"idle_seconds", "in_flight_seconds"}
 SOCKETS_KEYS = {"total", "by_state", "by_keepalive", "by_state_and_keepalive"}
@@ -170,6 +171,8 @@ def test_json_keys_match_the_readme(doc: dict[str, Any]) -> None:
                       ("counters", COUNTERS_KEYS), ("dump", DUMP_KEYS),
                       ("attribution", ATTRIBUTION_KEYS)):  # fmt: skip
         assert set(ns_doc[key]) == set(ns[key]) == keys, key
+    assert all(set(c) == FINDING_COUNT_KEYS for c in (*ns_doc["finding_counts"],
+                                                       *ns["finding_counts"]))  # fmt: skip
     (finding_doc,) = example["findings"]
     assert set(finding_doc) == FINDING_KEYS
     assert all(set(f) == FINDING_KEYS for f in doc["findings"])

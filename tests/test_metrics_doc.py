@@ -14,7 +14,7 @@ from pathlib import Path
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from auditd.audit.run import IDLE_BUCKETS, AuditResult, NamespaceReport
+from auditd.audit.run import IDLE_BUCKETS, AuditResult, NamespaceReport, count_findings
 from auditd.config import Match, Rule, RuleSet
 from auditd.exporter import ExporterState, make_registry
 from auditd.model import Counters, Finding, Severity, Sysctls
@@ -59,6 +59,10 @@ def full_state() -> ExporterState:
     """One namespace with every sysctl and counter, one finding: every family has samples."""
     buckets = [0] * (len(IDLE_BUCKETS) + 1)
     buckets[1] = 1
+    found = Finding(
+        "idle_no_keepalive", Severity.CRITICAL, "postgres", "host", "idle", "set keepalive",
+        local="10.0.0.1:40000", remote="10.0.0.2:5432",
+    )  # fmt: skip
     ns = NamespaceReport(
         netns="host",
         inode=4026531840,
@@ -78,11 +82,8 @@ def full_state() -> ExporterState:
         sockets=1,
         idle_histogram={"off": buckets},
         idle_sum={"off": 30.0},
+        finding_counts=count_findings([found]),
     )
-    found = Finding(
-        "idle_no_keepalive", Severity.CRITICAL, "postgres", "host", "idle", "set keepalive",
-        local="10.0.0.1:40000", remote="10.0.0.2:5432",
-    )  # fmt: skip
     rules = RuleSet(rules=(Rule("postgres", Match(remote_ports=frozenset({5432}))),))
     result = AuditResult(1_700_000_000.0, 0.1, (ns,), (found,))
     return ExporterState(result, rules, {}, 1_700_000_000.0, True, 1_699_999_000.0)

@@ -229,3 +229,81 @@ def test_inspecting_pass_matches_the_reference_functions(
     assert report.connections == counts
     socket_level = [f for f in findings if f.local is not None]
     assert sorted(f.key for f in socket_level) == sorted(f.key for f in expected)
+
+
+# --- max_findings: every finding counted, the worst described and attributed ---------------
+
+
+def _idle(i: int, idle_s: float, **kw: object) -> object:
+    ms = int(idle_s * 1000)
+    return make_sock(sport=20000 + i, dport=5432, inode=1000 + i, last_data_recv_ms=ms,
+                     last_ack_recv_ms=ms, last_data_sent_ms=ms, **kw)  # fmt: skip
+
+
+def _many() -> list:  # type: ignore[type-arg]
+    # 300 idle sockets without keepalive: over the 350 s default path timeout (critical) from
+    # 400 s up, warnings below; and retransmitting ones (critical at 2x the threshold).
+    socks = [_idle(i, 300 + (i * 7919) % 200) for i in range(300)]
+    socks += [_idle(300 + i, 1.0, timer=TimerKind.RETRANSMIT, retrans=8 + i) for i in range(5)]
+    return socks
+
+
+def _key(f: Finding) -> tuple:  # type: ignore[type-arg]
+    return (f.kind, f.severity, f.local, f.idle_seconds, f.pid)
+
+
+@pytest.mark.parametrize("limit", [1, 7, 50, 304, 305, 1000])
+def test_max_findings_describes_the_worst_and_counts_all(limit: int) -> None:
+    socks = _many()
+    owners = {s.inode: ProcessInfo(s.inode, "psql") for s in socks}
+    full = audit(RuleSet(), [("host", FakeKernel(socks, owners=owners))], max_findings=0)
+    kernel = FakeKernel(socks, owners=owners)
+    cut = audit(RuleSet(), [("host", kernel)], max_findings=limit)
+    socket_full = [f for f in full.findings if f.local is not None]
+    socket_cut = [f for f in cut.findings if f.local is not None]
+    assert len(socket_full) == 305 and full.findings_omitted == 0
+    assert [_key(f) for f in socket_cut] == [_key(f) for f in socket_full[:limit]]
+    assert cut.findings_omitted == max(0, 305 - limit)
+    # Namespace findings are always described; the counts are the same either way.
+    assert [f for f in cut.findings if f.local is None] == [
+        f for f in full.findings if f.local is None
+    ]
+    assert cut.namespaces[0].finding_counts == full.namespaces[0].finding_counts
+    assert cut.findings_total == full.findings_total == len(full.findings)
+    assert cut.severity_counts() == full.severity_counts()
+    # Only the sockets described were looked up, and every one was attributed.
+    [asked] = kernel.owner_queries
+    assert len(asked) == min(limit, 305)
+    assert all(f.pid is not None for f in socket_cut)
+
+
+def test_max_findings_applies_across_namespaces() -> None:
+    a = [_idle(i, 500) for i in range(10)]  # critical
+    b = [_idle(i, 320) for i in range(10)]  # warnings
+    result = audit(RuleSet(), [("host", FakeKernel(b)), ("other", FakeKernel(a))], max_findings=4)
+    described = [f for f in result.findings if f.local is not None]
+    assert [f.netns for f in described] == ["other"] * 4
+    assert result.findings_omitted == 16
+    counts = {ns.netns: sum(ns.finding_counts.values()) for ns in result.namespaces}
+    namespace_level = {ns: sum(1 for f in result.findings if f.local is None and f.netns == ns)
+                       for ns in counts}  # fmt: skip
+    assert {ns: counts[ns] - namespace_level[ns] for ns in counts} == {"host": 10, "other": 10}
+
+
+def test_max_findings_with_process_rules_judges_with_the_owner() -> None:
+    # A rule on the process name needs the owner of every flagged socket before judging:
+    # here the psql sockets are ignored, so the limit is filled with the others.
+    from helpers import rule
+
+    from auditd.config import Match
+
+    socks = [_idle(i, 500) for i in range(20)]
+    owners = {s.inode: ProcessInfo(s.inode, "psql" if i % 2 else "java")
+              for i, s in enumerate(socks)}  # fmt: skip
+    rules = RuleSet(rules=(rule("psql", match=Match(processes=("psql",)), ignore=True),))
+    kernel = FakeKernel(socks, owners=owners)
+    result = audit(rules, [("host", kernel)], max_findings=3)
+    described = [f for f in result.findings if f.local is not None]
+    assert [f.process for f in described] == ["java"] * 3
+    assert result.findings_omitted == 7
+    assert len(kernel.owner_queries[0]) == 20  # all flagged sockets, to know their rule

@@ -9,7 +9,9 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import math
+from collections.abc import Callable
 from dataclasses import replace
+from typing import NamedTuple
 
 from auditd.audit import hints
 from auditd.audit.inference import (
@@ -202,70 +204,57 @@ def user_timeout_too_short(options: SocketOptions) -> bool:
     )
 
 
-def socket_findings(
+# A finding's text, built only for the findings that are reported: (message, hint, seconds
+# until the kernel aborts the connection or None).
+Render = Callable[[], tuple[str, str, "float | None"]]
+
+
+class Verdict(NamedTuple):
+    """One finding that applies to a socket, its text not built yet (``render``)."""
+
+    kind: str
+    severity: Severity
+    render: Render
+
+
+def judge(
     rules: RuleSet,
     sock: Sock,
     process: ProcessInfo | None,
     sysctls: Sysctls,
-    netns: str,
     options: SocketOptions | None = None,
-) -> list[Finding]:
-    """Findings for one socket under the first matching rule (or the defaults).
+) -> tuple[Rule | None, list[Verdict]]:
+    """The rule that applies to one socket (None: the defaults) and the findings it gets.
 
+    Decides only: each verdict builds its message and hint when rendered, so a host with
+    150k idle sockets costs 150k decisions, not 150k messages (``socket_findings`` renders).
     ``options``: the socket's own keepalive settings when they were read (socket inspection):
     then the keepalive status, the first-probe delay and the abort estimates are exact, and a
     user timeout too short for the probes is a finding of its own.
     """
     rule = select_rule(rules, sock, process)
     if rule is not None and rule.ignore:
-        return []
+        return rule, []
     t = rule.thresholds if rule is not None else rules.defaults
-    rule_name = rule.name if rule is not None else DEFAULT_RULE
     ka = keepalive_status(sock, options)
-    path_idle = path_idle_ms(sock) / 1000
-    probes = sock.retrans if sock.timer in (TimerKind.KEEPALIVE, TimerKind.ZERO_WINDOW_PROBE) else 0
-    label = state_label(sock.state)
-    local, remote = sock.local, sock.remote
-
-    def make(
-        kind: str, sev: Severity, message: str, hint: str, left: float | None = None
-    ) -> Finding:
-        return Finding(
-            kind=kind,
-            severity=_sev(sev, rule),
-            rule=rule_name,
-            netns=netns,
-            message=message,
-            hint=hint,
-            state=label,
-            local=local,
-            remote=remote,
-            idle_seconds=round(path_idle, 3),
-            keepalive=ka,
-            probes=probes,
-            retransmits=sock.retrans if sock.timer == TimerKind.RETRANSMIT else 0,
-            abort_in_seconds=None if left is None else round(left, 1),
-            pid=process.pid if process is not None else None,
-            process=process.name if process is not None else None,
-            cmdline=(process.cmdline or None) if process is not None else None,
-            unit=process.unit if process is not None else None,
-            container=process.container if process is not None else None,
-            inode=sock.inode or None,
-        )
-
-    out: list[Finding] = []
-    name = process.name if process is not None else None
-    app = hints.recognise(name, sock.dport)
     timeout, middlebox = middlebox_timeout(t, sysctls, sock)
     if timeout != t.idle_timeout:
         t = replace(t, idle_timeout=timeout)
     keepalive_state = sock.state in KEEPALIVE_STATES
+    name = process.name if process is not None else None
+    out: list[Verdict] = []
+
+    def app() -> hints.AppKnob | None:
+        return hints.recognise(name, sock.dport)
 
     def too_slow() -> None:
         """keepalive_too_slow, when the first probe comes after the idle timeout."""
         params = keepalive_params(sock, sysctls, options)
         bound = params.idle_lower_bound
-        if bound is not None and bound > t.idle_timeout:
+        if bound is None or bound <= t.idle_timeout:
+            return
+
+        def render() -> tuple[str, str, float | None]:
             on_default: bool | None = None
             if params.source == "socket":
                 on_default = params.idle == sysctls.keepalive_time
@@ -287,33 +276,41 @@ def socket_findings(
                     "TCP_KEEPIDLE, or enabled keepalive after its last segment)"
                 )
             where = f"idle timeout of {middlebox}" if middlebox else "idle timeout of the path"
-            out.append(make(
-                FindingKind.KEEPALIVE_TOO_SLOW,
-                Severity.WARNING,
+            return (
                 f"keepalive is on but {first}, later than the {_fmt_s(t.idle_timeout)} "
                 f"{where}{whose}",
-                hints.too_slow(t, app, on_default),
-            ))  # fmt: skip
+                hints.too_slow(t, app(), on_default),
+                None,
+            )
+
+        out.append(Verdict(FindingKind.KEEPALIVE_TOO_SLOW, _sev(Severity.WARNING, rule), render))
 
     if sock.timer in (TimerKind.RETRANSMIT, TimerKind.ZERO_WINDOW_PROBE):
         if sock.retrans >= t.retransmit_threshold and keepalive_state:
-            left = abort_in(sock, sysctls, options)
-            what = "retransmissions" if sock.timer == TimerKind.RETRANSMIT else "zero-window probes"
+
+            def retransmitting() -> tuple[str, str, float | None]:
+                left = abort_in(sock, sysctls, options)
+                what = (
+                    "retransmissions"
+                    if sock.timer == TimerKind.RETRANSMIT
+                    else "zero-window probes"
+                )
+                limit = (
+                    f"TCP_USER_TIMEOUT={options.user_timeout_ms} ms"
+                    if options is not None and options.user_timeout_ms and sock.timer == 1
+                    else f"tcp_retries2={sysctls.retries2}"
+                )
+                return (
+                    f"{sock.retrans} unanswered {what} with {sock.unacked} segment(s) "
+                    f"unacknowledged: the peer is unreachable; the kernel gives up in about "
+                    f"{_fmt_s(left or 0)} ({limit})",
+                    hints.in_flight(t, sysctls.retries2, sysctls.rto_max_ms, app()),
+                    left,
+                )
+
             worse = sock.retrans >= 2 * t.retransmit_threshold
-            limit = (
-                f"TCP_USER_TIMEOUT={options.user_timeout_ms} ms"
-                if options is not None and options.user_timeout_ms and sock.timer == 1
-                else f"tcp_retries2={sysctls.retries2}"
-            )
-            out.append(make(
-                FindingKind.RETRANSMITTING,
-                Severity.CRITICAL if worse else Severity.WARNING,
-                f"{sock.retrans} unanswered {what} with {sock.unacked} segment(s) "
-                f"unacknowledged: the peer is unreachable; the kernel gives up in about "
-                f"{_fmt_s(left or 0)} ({limit})",
-                hints.in_flight(t, sysctls.retries2, sysctls.rto_max_ms, app),
-                left,
-            ))  # fmt: skip
+            sev = _sev(Severity.CRITICAL if worse else Severity.WARNING, rule)
+            out.append(Verdict(FindingKind.RETRANSMITTING, sev, retransmitting))
         if options is not None and ka == Keepalive.ON and keepalive_state:
             too_slow()  # exact TCP_KEEPIDLE: a verdict on the socket's settings, busy or not
     elif (
@@ -322,73 +319,140 @@ def socket_findings(
         and sock.timer == TimerKind.KEEPALIVE
         and sock.retrans > 0
     ):
-        params = keepalive_params(sock, sysctls, options)
-        left = abort_in(sock, sysctls, options)
-        schedule = f"{params.cnt} probes every {_fmt_s(params.intvl)}"
-        if params.user_timeout > 0:
-            schedule = f"TCP_USER_TIMEOUT {_fmt_s(params.user_timeout)}, probes every " + (
-                _fmt_s(params.intvl)
+
+        def probing() -> tuple[str, str, float | None]:
+            params = keepalive_params(sock, sysctls, options)
+            left = abort_in(sock, sysctls, options)
+            schedule = f"{params.cnt} probes every {_fmt_s(params.intvl)}"
+            if params.user_timeout > 0:
+                schedule = f"TCP_USER_TIMEOUT {_fmt_s(params.user_timeout)}, probes every " + (
+                    _fmt_s(params.intvl)
+                )
+            return (
+                f"{sock.retrans} keepalive probe(s) unanswered after "
+                f"{_fmt_s(recv_idle_ms(sock) / 1000)} of silence: the peer is gone and the "
+                f"connection is half-open now; the kernel aborts it in about "
+                f"{_fmt_s(left or 0)} ({schedule})",
+                hints.probing(),
+                left,
             )
-        out.append(make(
-            FindingKind.KEEPALIVE_PROBING,
-            Severity.CRITICAL if sock.retrans >= 2 else Severity.WARNING,
-            f"{sock.retrans} keepalive probe(s) unanswered after "
-            f"{_fmt_s(recv_idle_ms(sock) / 1000)} of silence: the peer is gone and the "
-            f"connection is half-open now; the kernel aborts it in about "
-            f"{_fmt_s(left or 0)} ({schedule})",
-            hints.probing(),
-            left,
-        ))  # fmt: skip
+
+        sev = _sev(Severity.CRITICAL if sock.retrans >= 2 else Severity.WARNING, rule)
+        out.append(Verdict(FindingKind.KEEPALIVE_PROBING, sev, probing))
     elif ka == Keepalive.ON and keepalive_state:
         too_slow()
     elif (
         ka == Keepalive.OFF
         and sock.state == TcpState.ESTABLISHED
         and sock.timer != TimerKind.KEEPALIVE
-        and path_idle >= t.warn_at * t.idle_timeout
+        and path_idle_ms(sock) / 1000 >= t.warn_at * t.idle_timeout
     ):
+        path_idle = path_idle_ms(sock) / 1000
         critical = path_idle >= t.idle_timeout
-        dropper = "a middlebox on the path" if not middlebox else middlebox.split(" (", 1)[0]
-        verdict = (
-            f"{dropper} has probably dropped it already"
-            if critical
-            else f"it is {path_idle / t.idle_timeout:.0%} of the way to being dropped"
-        )
-        source = f": {middlebox}" if middlebox else ""
-        out.append(make(
-            FindingKind.IDLE_NO_KEEPALIVE,
-            Severity.CRITICAL if critical else Severity.WARNING,
-            f"idle for {_fmt_s(path_idle)} without keepalive (path idle timeout "
-            f"{_fmt_s(t.idle_timeout)}{source}): {verdict}; a dead peer would never be noticed",
-            hints.no_keepalive(t, app),
-        ))  # fmt: skip
+
+        def idle() -> tuple[str, str, float | None]:
+            dropper = "a middlebox on the path" if not middlebox else middlebox.split(" (", 1)[0]
+            verdict = (
+                f"{dropper} has probably dropped it already"
+                if critical
+                else f"it is {path_idle / t.idle_timeout:.0%} of the way to being dropped"
+            )
+            source = f": {middlebox}" if middlebox else ""
+            return (
+                f"idle for {_fmt_s(path_idle)} without keepalive (path idle timeout "
+                f"{_fmt_s(t.idle_timeout)}{source}): {verdict}; a dead peer would never be "
+                f"noticed",
+                hints.no_keepalive(t, app()),
+                None,
+            )
+
+        sev = _sev(Severity.CRITICAL if critical else Severity.WARNING, rule)
+        out.append(Verdict(FindingKind.IDLE_NO_KEEPALIVE, sev, idle))
 
     if options is not None and keepalive_state and user_timeout_too_short(options):
-        survives = hints.user_timeout_probes(options)
-        after = options.idle + survives * options.intvl
-        out.append(make(
-            FindingKind.USER_TIMEOUT_TOO_SHORT,
-            Severity.WARNING,
-            f"TCP_USER_TIMEOUT {_fmt_s(options.user_timeout_ms / 1000)} is shorter than "
-            f"keepidle {options.idle} + keepcnt {options.cnt} × keepintvl {options.intvl} = "
-            f"{_fmt_s(options.idle + options.cnt * options.intvl)}: the kernel aborts the "
-            f"connection after {survives} unanswered keepalive probe(s) ({_fmt_s(after)} of "
-            f"silence), not {options.cnt}; one probe lost on the way (a local queue overflowing "
-            f"when many sockets probe in the same tick) kills a healthy connection",
-            hints.user_timeout(options, app),
-        ))  # fmt: skip
+        opts = options
+
+        def user_timeout() -> tuple[str, str, float | None]:
+            survives = hints.user_timeout_probes(opts)
+            after = opts.idle + survives * opts.intvl
+            return (
+                f"TCP_USER_TIMEOUT {_fmt_s(opts.user_timeout_ms / 1000)} is shorter than "
+                f"keepidle {opts.idle} + keepcnt {opts.cnt} × keepintvl {opts.intvl} = "
+                f"{_fmt_s(opts.idle + opts.cnt * opts.intvl)}: the kernel aborts the "
+                f"connection after {survives} unanswered keepalive probe(s) ({_fmt_s(after)} "
+                f"of silence), not {opts.cnt}; one probe lost on the way (a local queue "
+                f"overflowing when many sockets probe in the same tick) kills a healthy "
+                f"connection",
+                hints.user_timeout(opts, app()),
+                None,
+            )
+
+        sev = _sev(Severity.WARNING, rule)
+        out.append(Verdict(FindingKind.USER_TIMEOUT_TOO_SHORT, sev, user_timeout))
 
     if sock.state == TcpState.CLOSE_WAIT:
         age = recv_idle_ms(sock) / 1000
         if age >= t.close_wait_after:
-            out.append(make(
-                FindingKind.CLOSE_WAIT,
-                Severity.WARNING,
-                f"in CLOSE_WAIT for {_fmt_s(age)}: the peer closed (its process exited or "
-                f"closed the connection) and the local application never closed its side",
-                hints.close_wait(name),
-            ))  # fmt: skip
-    return out
+
+            def close_wait() -> tuple[str, str, float | None]:
+                return (
+                    f"in CLOSE_WAIT for {_fmt_s(age)}: the peer closed (its process exited or "
+                    f"closed the connection) and the local application never closed its side",
+                    hints.close_wait(name),
+                    None,
+                )
+
+            out.append(Verdict(FindingKind.CLOSE_WAIT, _sev(Severity.WARNING, rule), close_wait))
+    return rule, out
+
+
+def socket_findings(
+    rules: RuleSet,
+    sock: Sock,
+    process: ProcessInfo | None,
+    sysctls: Sysctls,
+    netns: str,
+    options: SocketOptions | None = None,
+) -> list[Finding]:
+    """Findings for one socket under the first matching rule (or the defaults), rendered
+    (``judge`` decides, see there)."""
+    rule, verdicts = judge(rules, sock, process, sysctls, options)
+    return [render(v, rule, sock, process, netns, options) for v in verdicts]
+
+
+def render(
+    verdict: Verdict,
+    rule: Rule | None,
+    sock: Sock,
+    process: ProcessInfo | None,
+    netns: str,
+    options: SocketOptions | None = None,
+) -> Finding:
+    """The finding of one verdict of ``judge``, with its text and the socket's figures."""
+    message, hint, left = verdict.render()
+    timer = sock.timer
+    return Finding(
+        kind=verdict.kind,
+        severity=verdict.severity,
+        rule=rule.name if rule is not None else DEFAULT_RULE,
+        netns=netns,
+        message=message,
+        hint=hint,
+        state=state_label(sock.state),
+        local=sock.local,
+        remote=sock.remote,
+        idle_seconds=round(path_idle_ms(sock) / 1000, 3),
+        keepalive=keepalive_status(sock, options),
+        probes=sock.retrans if timer in (TimerKind.KEEPALIVE, TimerKind.ZERO_WINDOW_PROBE) else 0,
+        retransmits=sock.retrans if timer == TimerKind.RETRANSMIT else 0,
+        abort_in_seconds=None if left is None else round(left, 1),
+        pid=process.pid if process is not None else None,
+        process=process.name if process is not None else None,
+        cmdline=(process.cmdline or None) if process is not None else None,
+        unit=process.unit if process is not None else None,
+        container=process.container if process is not None else None,
+        inode=sock.inode or None,
+    )
 
 
 def _expected(bound: SysctlBound) -> str:

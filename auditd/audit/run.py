@@ -1,20 +1,26 @@
 """One audit of one network namespace: stream the dump, count, flag, attribute, evaluate.
 
-Memory stays bounded by what the findings need: every socket is counted on the fly and only
-the ones ``could_flag`` keeps are held until attribution and evaluation.
+Memory stays bounded by what the report needs: every socket is counted on the fly, the ones
+``could_flag`` keeps are judged as they stream by, every finding is counted, and only the
+worst ``max_findings`` sockets are kept to be attributed and described. (Rules that match
+process names, and socket inspection, need the owner of every flagged socket first: then the
+flagged sockets are held until attribution.)
 """
 
 from __future__ import annotations
 
 import bisect
+import heapq
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from auditd.audit.evaluate import (
+    DEFAULT_RULE,
     budget_findings,
     could_flag,
     detection_times,
+    judge,
     loosest,
     middlebox_cap,
     select_rule,
@@ -30,6 +36,8 @@ from auditd.model import (
     Counters,
     Finding,
     Keepalive,
+    ProcessInfo,
+    Severity,
     Sock,
     SocketOptions,
     Sysctls,
@@ -38,6 +46,8 @@ from auditd.model import (
 )
 
 HOST_NETNS = "host"
+# Socket findings described per audit (the worst first); all of them are counted.
+DEFAULT_MAX_FINDINGS = 1000
 
 # Upper bounds (seconds) of the idle-age histogram: around the middlebox idle timeouts
 # (ALB 60, Azure 240, AWS 350, GCP firewall 600, IPVS 900, GCP NAT 1200) and the 7200 s default.
@@ -85,6 +95,8 @@ class NamespaceReport:
     attribution_complete: bool = True  # False: the time budget ran out before the end
     differs_from_host: tuple[str, ...] = ()  # sysctls whose value is not the host's
     inspection: Inspection | None = None  # None: not asked for (--inspect-sockets)
+    # Every finding of the namespace, described or not: (kind, severity, rule) -> count.
+    finding_counts: dict[tuple[str, str, str], int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +107,20 @@ class AuditResult:
     findings: tuple[Finding, ...]
     # Namespaces that could not be read (gone, refused, or their kernel failed): (name, reason).
     skipped_namespaces: tuple[tuple[str, str], ...] = field(default=())
+    # Socket findings counted but not described: beyond max_findings.
+    findings_omitted: int = 0
+
+    @property
+    def findings_total(self) -> int:
+        return sum(n for ns in self.namespaces for n in ns.finding_counts.values())
+
+    def severity_counts(self) -> dict[Severity, int]:
+        """Findings by severity, described or not."""
+        out = dict.fromkeys(Severity, 0)
+        for ns in self.namespaces:
+            for (_, severity, _), n in ns.finding_counts.items():
+                out[Severity.parse(severity)] += n
+        return out
 
 
 def _order(f: Finding) -> tuple[int, float, str, str]:
@@ -131,9 +157,12 @@ class _Tally:
         self.total = 0
 
     def run(
-        self, socks: Iterable[Sock], kept: list[Sock], visit: Callable[[Sock], None] | None
+        self,
+        socks: Iterable[Sock],
+        keep: Callable[[Sock], None],
+        visit: Callable[[Sock], None] | None,
     ) -> None:
-        """Accounts for every socket and appends the ones that may be flagged to ``kept``;
+        """Accounts for every socket and hands the ones that may be flagged to ``keep``;
         ``visit`` (rarely needed) sees every socket."""
         counts, hist, sums = self.counts, self.hist, self.idle_ms_sum
         warn_ms, idle_timeout_ms, retransmits = self.warn_ms, self.idle_timeout_ms, self.retransmits
@@ -148,20 +177,20 @@ class _Tally:
                 heard = received if received < acked else acked
                 idle = heard if heard < sent else sent
                 if timer == 0:
-                    k, keep = _OFF, idle >= warn_ms
+                    k, keep_it = _OFF, idle >= warn_ms
                 elif timer == 2:
-                    k, keep = _ON, retrans > 0 or heard + expires >= idle_timeout_ms
+                    k, keep_it = _ON, retrans > 0 or heard + expires >= idle_timeout_ms
                 else:
-                    k, keep = _UNKNOWN, (timer == 1 or timer == 4) and retrans >= retransmits
+                    k, keep_it = _UNKNOWN, (timer == 1 or timer == 4) and retrans >= retransmits
                 counts[3 + k] += 1
                 hist[k][where(bounds, idle)] += 1
                 sums[k] += idle
-                if keep:
-                    kept.append(sock)
+                if keep_it:
+                    keep(sock)
             else:
                 counts[(state & 63) * 3 + ka_index[status(sock)]] += 1
                 if flag(sock, limits):
-                    kept.append(sock)
+                    keep(sock)
             if visit is not None:
                 visit(sock)
         self.total += total
@@ -186,6 +215,55 @@ class _Tally:
         return {
             (state_label(i // 3), Keepalive.ALL[i % 3]): n for i, n in enumerate(self.counts) if n
         }
+
+
+class _Judged:
+    """The socket findings of one namespace as they are decided: every one counted, and the
+    sockets that have them kept only while among the worst ``limit`` (0: all), in the order
+    of ``sort_findings`` (severity, then the longest idle)."""
+
+    def __init__(self, rules: RuleSet, sysctls: Sysctls, limit: int, matched: set[str]) -> None:
+        self.rules, self.sysctls, self.limit, self.matched = rules, sysctls, limit, matched
+        self.counts: dict[tuple[str, str, str], int] = {}
+        self._heap: list[tuple[int, int, int, Sock]] = []  # the best kept on top: a min-heap
+        self._seq = 0
+
+    def add(
+        self, sock: Sock, process: ProcessInfo | None = None, options: SocketOptions | None = None
+    ) -> None:
+        rule, verdicts = judge(self.rules, sock, process, self.sysctls, options)
+        if rule is not None:
+            self.matched.add(rule.name)
+        if not verdicts:
+            return
+        name = rule.name if rule is not None else DEFAULT_RULE
+        counts, worst = self.counts, 0
+        for v in verdicts:
+            key = (v.kind, v.severity.label, name)
+            counts[key] = counts.get(key, 0) + 1
+            worst = max(worst, int(v.severity))
+        self._seq -= 1  # the first seen wins a tie: dump order
+        entry = (worst, path_idle_ms(sock), self._seq, sock)
+        heap = self._heap
+        if not self.limit or len(heap) < self.limit:
+            heapq.heappush(heap, entry)
+        elif entry[:3] > heap[0][:3]:
+            heapq.heapreplace(heap, entry)
+
+    def socks(self) -> list[Sock]:
+        """The sockets kept, worst first."""
+        return [entry[3] for entry in sorted(self._heap, reverse=True)]
+
+
+def count_findings(
+    findings: Iterable[Finding], into: dict[tuple[str, str, str], int] | None = None
+) -> dict[tuple[str, str, str], int]:
+    """(kind, severity, rule) -> findings, added to ``into`` if given."""
+    counts = {} if into is None else into
+    for f in findings:
+        key = (f.kind, f.severity.label, f.rule)
+        counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 # Attribution may take this fraction of the dump's own time (at least the minimum): a full
@@ -249,6 +327,7 @@ def audit_namespace(
     monotonic: Callable[[], float] = time.monotonic,
     inspector: Inspector | None = None,
     host: Sysctls | None = None,
+    max_findings: int = DEFAULT_MAX_FINDINGS,
 ) -> tuple[NamespaceReport, list[Finding]]:
     """Raises KernelError when the socket dump cannot be read; everything else is best effort.
     ``host``: the host namespace's sysctls when this is another namespace, so namespace-level
@@ -256,12 +335,13 @@ def audit_namespace(
 
     ``inspector`` (opt-in): read the exact keepalive options of every socket whose keepalive
     is on or unknown, through its owner's fd; without it the audit infers them.
+    ``max_findings``: socket findings described (the worst; 0: all); every one is counted in
+    ``finding_counts``, and only the sockets described are attributed.
     """
     sysctls = source.sysctls()
     counters = source.counters()
     stats = DumpStats()
     limits = loosest(rules, middlebox_cap(sysctls))
-    kept: list[Sock] = []
     # Rules with a detection budget of their own are checked for the namespace only if they
     # match one of its sockets; that needs a rule lookup per socket until each has matched.
     # Rules that match on process names can only be seen matching a flagged, attributed socket.
@@ -279,13 +359,18 @@ def audit_namespace(
     candidates: list[Sock] = []  # with an inspector: the sockets to read the options of
     if inspector is not None:
         visit = _collector(candidates, visit)
+    judged = _Judged(rules, sysctls, max_findings, matched)
+    # Judged while the dump streams, unless the verdict needs the owner (process rules) or
+    # the socket's options (inspection): then the flagged sockets wait for attribution.
+    direct = inspector is None and not rules.uses_processes
+    kept: list[Sock] = []
     tally = _Tally(limits)
     dump_started = monotonic()
-    tally.run(source.sockets(stats), kept, visit)
+    tally.run(source.sockets(stats), judged.add if direct else kept.append, visit)
     dump_seconds = monotonic() - dump_started
     if inspector is None:
         budget = max(ATTRIBUTION_MIN_SECONDS, ATTRIBUTION_FRACTION * dump_seconds)
-        wanted = [s.inode for s in kept if s.inode]
+        wanted = [s.inode for s in (judged.socks() if direct else kept) if s.inode]
     else:
         budget = max(INSPECT_ATTRIBUTION_MIN_SECONDS, INSPECT_ATTRIBUTION_FRACTION * dump_seconds)
         wanted = list({s.inode for s in (*kept, *candidates) if s.inode})
@@ -295,16 +380,20 @@ def audit_namespace(
         inspector, candidates, kept, scan, tally
     )  # fmt: skip
     options = inspected.options
-    findings: list[Finding] = []
     for sock in (*kept, *inspected.extra):
-        process = owners.get(sock.inode)
-        rule = select_rule(rules, sock, process)
-        if rule is not None:
-            matched.add(rule.name)
-        found = socket_findings(rules, sock, process, sysctls, netns, options.get(sock.inode))
-        findings.extend(found)
-    findings.extend(sysctl_findings(rules, sysctls, netns, host))
-    findings.extend(budget_findings(rules, sysctls, netns, frozenset(matched), host))
+        judged.add(sock, owners.get(sock.inode), options.get(sock.inode))
+    findings: list[Finding] = []
+    for sock in judged.socks():
+        inode = sock.inode
+        findings += socket_findings(
+            rules, sock, owners.get(inode), sysctls, netns, options.get(inode)
+        )
+    namespace_findings = [
+        *sysctl_findings(rules, sysctls, netns, host),
+        *budget_findings(rules, sysctls, netns, frozenset(matched), host),
+    ]
+    findings += namespace_findings
+    finding_counts = count_findings(namespace_findings, dict(judged.counts))
     differs = () if host is None else tuple(
         sorted(n for n, v in sysctls.values.items() if host.values.get(n, v) != v)
     )  # fmt: skip
@@ -331,6 +420,7 @@ def audit_namespace(
             inspected.wanted, len(options), inspected.error
         ),
         differs_from_host=differs,
+        finding_counts=finding_counts,
     )  # fmt: skip
     return report, findings
 
@@ -354,14 +444,19 @@ def _audit_retrying(
     name: str,
     inspector: Inspector | None = None,
     host: Sysctls | None = None,
+    max_findings: int = DEFAULT_MAX_FINDINGS,
 ) -> tuple[NamespaceReport, list[Finding]]:
     try:
-        return audit_namespace(rules, source, name, inspector=inspector, host=host)
+        return audit_namespace(
+            rules, source, name, inspector=inspector, host=host, max_findings=max_findings
+        )
     except KernelError as exc:
         if not exc.transient:
             raise
         # ENOBUFS/EINTR: the socket table moved faster than we read it; once more.
-        return audit_namespace(rules, source, name, inspector=inspector, host=host)
+        return audit_namespace(
+            rules, source, name, inspector=inspector, host=host, max_findings=max_findings
+        )
 
 
 def audit(
@@ -370,11 +465,15 @@ def audit(
     clock: Callable[[], float] = time.time,
     timer: Callable[[], float] = time.perf_counter,
     inspector: Inspector | None = None,
+    max_findings: int = DEFAULT_MAX_FINDINGS,
 ) -> AuditResult:
     """Audit each (name, source) namespace, the host first: the others are compared with its
     sysctls. A namespace gone or refused (NamespaceGone), or any other namespace whose kernel
     cannot be read, is skipped and listed in the result, so one broken container cannot blank
-    the rest; a KernelError from the agent's own namespace propagates."""
+    the rest; a KernelError from the agent's own namespace propagates.
+
+    ``max_findings``: socket findings described, the worst of all namespaces (0: all); the
+    others are counted (``findings_omitted``). Namespace findings are always described."""
     started = clock()
     t0 = timer()
     reports: list[NamespaceReport] = []
@@ -383,7 +482,7 @@ def audit(
     host: Sysctls | None = None
     for name, source in sorted(sources, key=lambda pair: pair[0] != HOST_NETNS):
         try:
-            report, found = _audit_retrying(rules, source, name, inspector, host)
+            report, found = _audit_retrying(rules, source, name, inspector, host, max_findings)
         except KernelError as exc:
             if name == HOST_NETNS and not isinstance(exc, NamespaceGone):
                 raise
@@ -393,10 +492,19 @@ def audit(
             host = report.sysctls
         reports.append(report)
         findings.extend(found)
-    return AuditResult(
+    listed = sort_findings(findings)
+    described = [f for f in listed if f.local is not None]  # socket findings
+    if max_findings and len(described) > max_findings:
+        cut = {id(f) for f in described[max_findings:]}
+        listed = tuple(f for f in listed if id(f) not in cut)
+        described = described[:max_findings]
+    result = AuditResult(
         generated_at=started,
         duration_seconds=timer() - t0,
         namespaces=tuple(reports),
-        findings=sort_findings(findings),
+        findings=listed,
         skipped_namespaces=tuple(skipped),
     )
+    namespace_level = len(listed) - len(described)
+    omitted = result.findings_total - namespace_level - len(described)
+    return replace(result, findings_omitted=omitted)
