@@ -1,5 +1,5 @@
 """``python -m auditd`` runs the keepalive-auditd CLI."""
 
-from auditd.cli import entry
+from auditd.launch import entry
 
 entry()

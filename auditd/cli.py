@@ -33,6 +33,7 @@ from auditd.kernel import KernelSource, LocalKernel, NamespaceKernel
 from auditd.kernel.inspect import SocketInspector
 from auditd.kernel.limits import Problems, netns_note, observe
 from auditd.kernel.netns import enumerate_namespaces
+from auditd.kernel.prescan import FdPrescan
 from auditd.model import Severity
 
 EXIT_OK = 0
@@ -214,8 +215,20 @@ def cmd_audit(args: argparse.Namespace) -> int:
     rules = _load(args.config)
     problems = Problems()
     inspector = SocketInspector() if args.inspect_sockets else None
-    sources = observe(args.sources(), problems)
-    result = audit(rules, sources, inspector=inspector, max_findings=args.max_findings)
+    # The /proc/*/fd scan for owners runs in a child while this process dumps (one for every
+    # namespace: socket inodes are global; auditd.launch may have started it already).
+    # Without it, the audit scans within its own budget.
+    prescan = args.prescan if args.prescan is not None else FdPrescan.start()
+    try:
+        namespaces = args.sources()
+        for _, source in namespaces:
+            if isinstance(source, LocalKernel):  # or NamespaceKernel
+                source.prescan = prescan
+        sources = observe(namespaces, problems)
+        result = audit(rules, sources, inspector=inspector, max_findings=args.max_findings)
+    finally:
+        if prescan is not None:
+            prescan.close()
     out = report.to_json(result) + "\n" if args.format == "json" else report.to_table(result)
     sys.stdout.write(out)
     sys.stdout.flush()
@@ -289,11 +302,25 @@ COMMANDS = {
 }
 
 
-def main(argv: Sequence[str] | None = None, sources: Sources | None = None) -> int:
-    """``sources`` replaces the namespaces --netns would pick (tests hand in fakes)."""
+def main(
+    argv: Sequence[str] | None = None,
+    sources: Sources | None = None,
+    prescan: FdPrescan | None = None,
+) -> int:
+    """``sources`` replaces the namespaces --netns would pick (tests hand in fakes);
+    ``prescan``: the owner scan ``auditd.launch`` started for ``audit`` (closed here)."""
+    try:
+        return _main(argv, sources, prescan)
+    finally:
+        if prescan is not None:
+            prescan.close()
+
+
+def _main(argv: Sequence[str] | None, sources: Sources | None, prescan: FdPrescan | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.sources = sources or NETNS_SOURCES[getattr(args, "netns", "self")]
+    args.prescan = prescan
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -337,7 +364,3 @@ def _drop_stdout() -> None:
         os.close(devnull)
     except (OSError, ValueError, AttributeError):  # no real stdout (tests capture it)
         pass
-
-
-def entry() -> None:
-    sys.exit(main())

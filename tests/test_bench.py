@@ -32,6 +32,8 @@ def test_bench_counts_what_it_created(lab: netlab.Lab) -> None:
     # Connections 0 and 100 keep the 7200 s default: keepalive_too_slow under a 1 h timeout.
     assert report["too_slow_findings"] == 2
     assert report["attributed_findings"] == 2  # their holder process was found
+    assert report["attribution_found_min"] == report["cli_attribution_found_min"] == 2
+    assert report["findings_total"] == report["findings"]  # 2 + the detection_budget ones
     for key in ("floor_wall_s", "audit_wall_s", "ss_wall_s", "cli_process_wall_s"):
         assert report[key] > 0
     assert report["audit_peak_rss_mb"] > 0

@@ -13,6 +13,7 @@ from typing import Protocol, TypeVar
 
 from auditd.kernel import netns, procfs, procs, sockdiag
 from auditd.kernel.netns import NamespaceRef
+from auditd.kernel.prescan import FdPrescan
 from auditd.kernel.procs import OwnerCache, OwnerScan
 from auditd.kernel.sockdiag import DumpStats
 from auditd.model import Counters, Sock, Sysctls
@@ -56,10 +57,12 @@ class LocalKernel:
         proc_root: str = "/proc",
         netlink: sockdiag.SocketFactory = sockdiag.netlink_socket,
         owner_cache: OwnerCache | None = None,
+        prescan: FdPrescan | None = None,
     ) -> None:
         self.proc_root = proc_root
         self.netlink = netlink
         self.owner_cache = owner_cache  # kept across audits by the daemon
+        self.prescan = prescan  # the fd scan started with the audit, if any
 
     def netns_inode(self) -> int | None:
         try:
@@ -77,7 +80,9 @@ class LocalKernel:
         return sockdiag.dump(stats, factory=self.netlink)
 
     def owners(self, inodes: Collection[int], deadline: float | None = None) -> OwnerScan:
-        return procs.find_owners(inodes, self.proc_root, deadline, cache=self.owner_cache)
+        return procs.find_owners(
+            inodes, self.proc_root, deadline, cache=self.owner_cache, prescan=self.prescan
+        )
 
 
 class NamespaceKernel(LocalKernel):
@@ -97,8 +102,9 @@ class NamespaceKernel(LocalKernel):
         proc_root: str = "/proc",
         netlink: sockdiag.SocketFactory = sockdiag.netlink_socket,
         owner_cache: OwnerCache | None = None,
+        prescan: FdPrescan | None = None,
     ) -> None:
-        super().__init__(proc_root, netlink, owner_cache)
+        super().__init__(proc_root, netlink, owner_cache, prescan)
         self.ref = ref
 
     def _inside(self, fn: Callable[[], T]) -> T:

@@ -8,8 +8,9 @@ the caller can say why an owner is missing.
 
 Cost is one ``readlink`` per open fd on the host, so the scan only runs for the sockets the
 audit flags (or, with socket inspection, the ones whose options it reads), and stops as soon as
-every wanted inode is found. The fd number of each socket found comes along: socket inspection
-duplicates it (``auditd.kernel.inspect``).
+every wanted inode is found. On a big host the scan can instead run ahead, in a child process
+started with the audit (``auditd.kernel.prescan``): then this only asks it. The fd number of
+each socket found comes along: socket inspection duplicates it (``auditd.kernel.inspect``).
 
 The systemd unit and the container of an owner come from ``/proc/PID/cgroup``, read with the
 cgroup parser that names network namespaces (``auditd.kernel.netns``).
@@ -22,7 +23,9 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
+from auditd.kernel._fdscan_child import links
 from auditd.kernel.netns import cgroup_paths, name_from_cgroup
+from auditd.kernel.prescan import FdPrescan
 from auditd.model import ProcessInfo
 
 CMDLINE_MAX = 200
@@ -140,18 +143,25 @@ def find_owners(
     deadline: float | None = None,
     clock: Callable[[], float] = time.monotonic,
     cache: OwnerCache | None = None,
+    prescan: FdPrescan | None = None,
 ) -> OwnerScan:
     """Owner of each socket inode that some process holds open; others are left out.
 
     ``deadline`` (a ``clock`` time) bounds the scan: on a host with hundreds of thousands of
     open fds, a full scan would cost more than the audit it serves. With a ``cache``, known
     owners are re-checked first and the scan resumes after the pid where the last one stopped.
+    With a ``prescan``, the owners not in the cache come from the child that has been scanning
+    since the audit started (``auditd.kernel.prescan``); if it failed, from the scan here.
     """
     wanted = {f"socket:[{inode}]": inode for inode in inodes if inode}
     hits_by_inode = _recheck(wanted, cache, proc_root) if cache is not None else {}
     found: dict[int, ProcessInfo] = {inode: e[2] for inode, e in hits_by_inode.items()}
     access = _Access()
-    complete = _scan(wanted, found, hits_by_inode, proc_root, deadline, clock, cache, access)
+    complete = None
+    if prescan is not None:
+        complete = _ask(prescan, wanted, found, hits_by_inode, proc_root, deadline, clock, access)
+    if complete is None:
+        complete = _scan(wanted, found, hits_by_inode, proc_root, deadline, clock, cache, access)
     if cache is not None:
         cache.entries = hits_by_inode
     fds = {inode: int(entry[1]) for inode, entry in hits_by_inode.items()}
@@ -166,6 +176,63 @@ class _Access:
     error: str | None = None
 
 
+def _ask(
+    prescan: FdPrescan,
+    wanted: dict[str, int],
+    found: dict[int, ProcessInfo],
+    entries: dict[int, tuple[int, str, ProcessInfo]],
+    proc_root: str,
+    deadline: float | None,
+    clock: Callable[[], float],
+    access: _Access,
+) -> bool | None:
+    """The owners not found yet, from the child scan, with this process scanning from the
+    highest pid down until it meets the child's lap; None if the child failed (the owners
+    found here are kept, for the in-process scan to go on with the rest)."""
+    missing = {inode for inode in wanted.values() if inode not in found}
+    if not missing:
+        return True
+    session = prescan.begin(missing, deadline, clock)
+    if session is None:
+        return None
+    hits: list[tuple[int, int, str]] = []  # (inode, pid, fd) read here
+    left = set(missing)
+    try:
+        pids = _pids(proc_root, 0, access) or []
+        for pid in reversed(pids):
+            if not session.poll() or pid <= session.position:
+                break  # the reply is over, or the child's lap has read the rest
+            left.difference_update(session.fds)
+            if not left or (deadline is not None and clock() > deadline):
+                break
+            for inode, fd in _look(pid, proc_root, wanted, found, access):
+                hits.append((inode, pid, fd))
+                left.discard(inode)
+            if not left:
+                session.stop()
+                break
+            session.covered(pid)
+        answer = session.finish()
+    finally:
+        session.fail()  # no-op once the reply is complete
+    infos: dict[int, ProcessInfo | None] = {}
+    child = answer.fds.items() if answer is not None else ()
+    for inode, pid, fd in [*hits, *((i, p, str(f)) for i, (p, f) in child)]:
+        if inode not in missing or inode in found:
+            continue
+        if pid not in infos:
+            infos[pid] = process_info(pid, proc_root)
+        info = infos[pid]
+        if info is not None:
+            found[inode] = info
+            entries[inode] = (pid, fd, info)
+    if answer is None:
+        return None
+    access.denied += answer.denied
+    access.error = access.error or answer.error
+    return answer.complete
+
+
 def _pids(proc_root: str, resume_after: int, access: _Access) -> list[int] | None:
     try:
         pids = sorted(int(e) for e in os.listdir(proc_root) if e.isdigit())
@@ -175,6 +242,36 @@ def _pids(proc_root: str, resume_after: int, access: _Access) -> list[int] | Non
     # Start after the pid where the last scan stopped, then wrap around.
     cut = next((i for i, pid in enumerate(pids) if pid > resume_after), len(pids))
     return pids[cut:] + pids[:cut]
+
+
+def _look(
+    pid: int,
+    proc_root: str,
+    wanted: dict[str, int],
+    found: dict[int, ProcessInfo],
+    access: _Access,
+) -> list[tuple[int, str]]:
+    """(inode, fd) of the wanted sockets not found yet that ``pid`` holds."""
+    try:  # readlink relative to the open fd directory: no path building, no path walk
+        dir_fd = os.open(os.path.join(proc_root, str(pid), "fd"), os.O_RDONLY | os.O_DIRECTORY)
+    except PermissionError:  # another user's, without CAP_DAC_READ_SEARCH
+        access.denied += 1
+        return []
+    except OSError:  # gone
+        return []
+    hits: list[tuple[int, str]] = []
+    try:
+        for fd, target in links(dir_fd):
+            inode = wanted.get(target)
+            if inode is not None and inode not in found:
+                hits.append((inode, fd))
+    except PermissionError:  # listable but not ours: no CAP_SYS_PTRACE
+        access.denied += 1
+    except OSError:  # gone while being read
+        pass
+    finally:
+        os.close(dir_fd)
+    return hits
 
 
 def _scan(
@@ -193,36 +290,12 @@ def _scan(
     pids = _pids(proc_root, cache.resume_after if cache is not None else 0, access)
     if pids is None:
         return False
-    readlink = os.readlink
     for pid in pids:
         if deadline is not None and clock() > deadline:
             return False
         if cache is not None:
             cache.resume_after = pid
-        try:  # readlink relative to the open fd directory: no path building, no path walk
-            dir_fd = os.open(os.path.join(proc_root, str(pid), "fd"), os.O_RDONLY | os.O_DIRECTORY)
-        except PermissionError:  # another user's, without CAP_DAC_READ_SEARCH
-            access.denied += 1
-            continue
-        except OSError:  # gone
-            continue
-        hits: list[tuple[int, str]] = []
-        try:
-            for fd in os.listdir(dir_fd):
-                try:
-                    target = readlink(fd, dir_fd=dir_fd)
-                except PermissionError:  # listable but not ours: no CAP_SYS_PTRACE
-                    access.denied += 1
-                    break  # every other fd of this process would be refused too
-                except OSError:
-                    continue
-                inode = wanted.get(target)
-                if inode is not None and inode not in found:
-                    hits.append((inode, fd))
-        except OSError:
-            pass
-        finally:
-            os.close(dir_fd)
+        hits = _look(pid, proc_root, wanted, found, access)
         if hits:
             info = process_info(pid, proc_root)
             if info is not None:
