@@ -27,7 +27,7 @@ from auditd.exporter import ExporterState
 from auditd.http import MetricsServer
 from auditd.kernel import KernelSource, LocalKernel, OwnerCache
 from auditd.kernel.inspect import SocketInspector
-from auditd.kernel.limits import Problems, observe
+from auditd.kernel.limits import Problems, netns_note, observe
 from auditd.model import Finding, Severity
 from auditd.notify import Notifier, watchdog_interval
 from auditd.webconfig import WebConfig, load_web_config
@@ -207,7 +207,11 @@ class Daemon:
         for name, reason in skipped.items():
             self._count_error("netns")
             if name not in self._skipped:
-                self.log.info("namespace skipped", extra={"netns": name, "reason": reason})
+                fields = {"netns": name, "reason": reason}
+                hint = netns_note([(name, reason)])  # refused: what entering it needs
+                self.log.info("namespace skipped", extra=fields if hint is None else {
+                    **fields, "hint": hint
+                })  # fmt: skip
         self._skipped = set(skipped)
 
     def _sources(self) -> list[tuple[str, KernelSource]]:

@@ -10,6 +10,7 @@ runs that may come and go at any moment: assertions only ever look at this test'
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -234,6 +235,23 @@ def test_daemon_counts_each_skipped_namespace_and_logs_it_once(
             assert daemon.audit_once() is not None
     assert daemon.state.errors.get("netns") == 4  # two namespaces, two audits
     assert [r.getMessage() for r in caplog.records].count("namespace skipped") == 2
+
+
+class RefusedKernel(FakeKernel):
+    """A namespace setns refuses (no CAP_SYS_ADMIN, or another user namespace)."""
+
+    def sockets(self, stats: DumpStats) -> Iterator[Sock]:
+        raise NamespaceGone(f"cannot enter /proc/4242/ns/net: {os.strerror(errno.EPERM)}", 1)
+
+
+def test_daemon_says_what_a_refused_namespace_needs(caplog: pytest.LogCaptureFixture) -> None:
+    sources = [("host", FakeKernel([])), ("pod:a", RefusedKernel([])), ("pod:b", GoneKernel([]))]
+    daemon = Daemon(DaemonOptions(None), lambda: list(sources), logging.getLogger("t-netns2"))
+    with caplog.at_level(logging.INFO, logger="t-netns2"):
+        assert daemon.audit_once() is not None
+    skipped = {r.netns: r for r in caplog.records if r.getMessage() == "namespace skipped"}  # type: ignore[attr-defined]
+    assert "needs CAP_SYS_ADMIN" in skipped["pod:a"].hint  # type: ignore[attr-defined]
+    assert not hasattr(skipped["pod:b"], "hint")  # gone: nothing to grant
 
 
 # --- a fake /proc tree --------------------------------------------------------------------------
