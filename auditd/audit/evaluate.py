@@ -345,9 +345,8 @@ def judge(
         ka == Keepalive.OFF
         and sock.state == TcpState.ESTABLISHED
         and sock.timer != TimerKind.KEEPALIVE
-        and path_idle_ms(sock) / 1000 >= t.warn_at * t.idle_timeout
+        and (path_idle := path_idle_ms(sock) / 1000) >= t.warn_at * t.idle_timeout
     ):
-        path_idle = path_idle_ms(sock) / 1000
         critical = path_idle >= t.idle_timeout
 
         def idle() -> tuple[str, str, float | None]:

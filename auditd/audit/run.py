@@ -217,6 +217,9 @@ class _Tally:
         }
 
 
+_SEVERITY_LABELS = {s: s.label for s in Severity}
+
+
 class _Judged:
     """The socket findings of one namespace as they are decided: every one counted, and the
     sockets that have them kept only while among the worst ``limit`` (0: all), in the order
@@ -237,9 +240,9 @@ class _Judged:
         if not verdicts:
             return
         name = rule.name if rule is not None else DEFAULT_RULE
-        counts, worst = self.counts, 0
+        counts, worst, labels = self.counts, 0, _SEVERITY_LABELS
         for v in verdicts:
-            key = (v.kind, v.severity.label, name)
+            key = (v.kind, labels[v.severity], name)
             counts[key] = counts.get(key, 0) + 1
             worst = max(worst, int(v.severity))
         self._seq -= 1  # the first seen wins a tie: dump order
