@@ -99,22 +99,20 @@ class FdPrescan:
         """Ends the child and reaps it at once (it holds nothing worth a goodbye); safe to
         call again."""
         with self._lock:
-            self._stop(gently=False)
+            self._stop()
 
-    def _stop(self, gently: bool) -> None:
+    def _stop(self) -> None:
+        """Kills and reaps the child, closes the pipes; later lookups get None at once."""
         proc, self._proc = self._proc, None
         if proc is None:
             return
         try:
             if proc.stdin is not None:
-                proc.stdin.close()  # EOF: a healthy child exits at its next look at stdin
+                proc.stdin.close()
         except OSError:
             pass
-        try:
-            proc.wait(timeout=0.05 if gently else 0)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        proc.kill()  # no-op for a child that has exited already
+        proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
 
@@ -231,7 +229,7 @@ class Session:
     def fail(self) -> None:
         """The child is of no more use: killed, and every later lookup is None at once."""
         if self._open:
-            self._owner._stop(gently=False)
+            self._owner._stop()
             self._close()
 
     def _close(self) -> None:
