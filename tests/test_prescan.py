@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from auditd.kernel import LocalKernel, _fdscan_child
+from auditd.kernel import LocalKernel, _fdscan_child, procs
 from auditd.kernel.prescan import FdPrescan
 from auditd.kernel.procs import OwnerCache, find_owners
 from auditd.launch import CHILD
@@ -293,8 +293,8 @@ def test_child_protocol_on_a_fake_proc_tree(tmp_path: Path) -> None:
     run = run_child(tmp_path, "0 999\n5 777 999\n0 888\n5\n")
     assert run.returncode == 0 and run.stderr == ""
     # The first lap says how far it has got while a request waits ("at <pid>").
-    assert run.stdout == ("at 123\ndone 0 0 -\n777 123 3\nat 124\ndone 1 0 -\n888 124 10\n"
-                          "done 1 0 -\ndone 1 0 -\n")  # fmt: skip
+    assert run.stdout == ("at 123 0\ndone 0 0 -\n777 123 3\nat 124 0\ndone 1 0 -\n"
+                          "888 124 10\ndone 1 0 -\ndone 1 0 -\n")  # fmt: skip
 
 
 def test_request_during_the_first_lap_is_answered_by_the_rest_of_it(tmp_path: Path) -> None:
@@ -314,7 +314,7 @@ def test_request_during_the_first_lap_is_answered_by_the_rest_of_it(tmp_path: Pa
         requests = _fdscan_child.Requests(read_end)
         out: list[bytes] = []
         _fdscan_child.answer(record, laps, b"5 888", requests, out.append)
-        assert b"".join(out) == b"888 124 10\nat 124\ndone 1 0 -\n"
+        assert b"".join(out) == b"888 124 10\nat 124 0\ndone 1 0 -\n"
         assert list(record.inodes) == [777, 888]  # and it went on recording
         out.clear()
         _fdscan_child.answer(record, laps, b"5 999", requests, out.append)
@@ -335,11 +335,11 @@ def test_first_lap_stops_where_the_agent_scanning_down_has_been(tmp_path: Path) 
     laps: list[_fdscan_child.Lap | None] = [record.walk(record.pids_now(), keep=True)]
     read_end, write_end = os.pipe()
     try:
-        os.write(write_end, b"upto 124\n5 777\n")
+        os.write(write_end, b"upto 124 0\n5 777\n")
         requests = _fdscan_child.Requests(read_end)
         out: list[bytes] = []
         _fdscan_child.answer(record, laps, b"5 888 999", requests, out.append)
-        assert b"".join(out) == b"at 123\ndone 1 0 -\n"
+        assert b"".join(out) == b"at 123 0\ndone 1 0 -\n"
         assert list(record.inodes) == [777] and laps[0] is not None
         assert requests.poll() == b"5 777"
         _fdscan_child.answer(record, laps, b"5 999", requests, out.append)
@@ -395,3 +395,120 @@ def test_agent_scans_down_to_meet_the_child(
         }
         # Everything found, nothing left to scan: "stop", and the child answers at once.
         assert find_owners(list(own), prescan=prescan).fds == own
+
+
+# A process with 3000 socket fds (unix socketpairs: "socket:[N]" like TCP ones), for the
+# two scans to meet inside it.
+BIG = textwrap.dedent(
+    """
+    import json, os, resource, socket, sys
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 20000), hard))
+    pairs = [socket.socketpair() for _ in range(1500)]
+    socks = [s for pair in pairs for s in pair]
+    print(json.dumps({os.fstat(s.fileno()).st_ino: s.fileno() for s in socks}), flush=True)
+    sys.stdin.readline()
+    """
+)
+
+
+@pytest.fixture
+def big() -> Iterator[tuple[int, dict[int, int]]]:
+    proc = subprocess.Popen([sys.executable, "-c", BIG], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        yield proc.pid, {int(k): v for k, v in json.loads(proc.stdout.readline()).items()}
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_lap_stops_inside_a_process_where_the_agent_has_read_down_to(
+    big: tuple[int, dict[int, int]],
+) -> None:
+    pid, held = big
+    by_fd = {fd: inode for inode, fd in held.items()}
+    record = _fdscan_child.Record("/proc")
+    laps: list[_fdscan_child.Lap | None] = [record.walk([pid], keep=True)]
+    read_end, write_end = os.pipe()
+    try:
+        # The agent has read fds 1024 and up of this process; the child wants fd 2500's socket.
+        # The lap looks at the bound every 1024 fds: it stops after fd 2047.
+        os.write(write_end, f"upto {pid} 1024\n".encode())
+        out: list[bytes] = []
+        request = f"60 {by_fd[2500]}".encode()
+        _fdscan_child.answer(record, laps, request, _fdscan_child.Requests(read_end), out.append)
+        assert b"".join(out).endswith(b"done 1 0 -\n")  # met: between them all was read
+        assert by_fd[2500] not in record.inodes and max(by_fd) > 2500  # not read twice
+        assert by_fd[2000] in record.inodes and laps[0] is not None
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+# A child whose lap sits in one process ("at <pid> 0") and answers once the agent says it has
+# read that process down to fd 0 (or found everything).
+STUCK_CHILD = textwrap.dedent(
+    """
+    import sys
+    pid = sys.argv[1]
+    sys.stdin.readline()
+    sys.stdout.write(f"at {pid} 0\\n")
+    sys.stdout.flush()
+    for line in sys.stdin:
+        if line == "stop\\n" or line == f"upto {pid} 0\\n":
+            break
+    sys.stdout.write("done 1 0 -\\n")
+    sys.stdout.flush()
+    sys.stdin.readline()
+    """
+)
+
+
+def test_agent_reads_the_childs_process_from_the_top_down(
+    big: tuple[int, dict[int, int]],
+) -> None:
+    pid, held = big
+    wanted = sorted(held, key=held.__getitem__)[::500]  # fds 3, 503, ..., spread over chunks
+    prescan = FdPrescan.start(argv=[sys.executable, "-c", STUCK_CHILD, str(pid)])
+    assert prescan is not None
+    with prescan:
+        # A deadline only so that a broken scan fails instead of waiting for ever.
+        scan = find_owners(wanted, deadline=time.monotonic() + 20, prescan=prescan)
+        assert scan.complete
+        assert scan.fds == {inode: held[inode] for inode in wanted}
+        assert {info.pid for info in scan.found.values()} == {pid}
+
+
+class ChildAt:
+    """The session as ``_look_down`` sees it: the child's lap in ``pid`` at fd ``fd``."""
+
+    def __init__(self, pid: int, fd: int) -> None:
+        self.position, self.position_fd = pid, fd
+        self.bounds: list[tuple[int, int]] = []
+
+    def poll(self) -> bool:
+        return True
+
+    def covered(self, pid: int, fd: int = 0) -> None:
+        self.bounds.append((pid, fd))
+
+
+@pytest.mark.parametrize("child_fd", [0, 1100])
+def test_look_down_reads_from_the_top_to_where_the_child_is(
+    big: tuple[int, dict[int, int]], child_fd: int
+) -> None:
+    pid, held = big
+    wanted = {f"socket:[{inode}]": inode for inode in held}
+    session = ChildAt(pid, child_fd)
+    access = procs._Access()
+    hits = procs._look_down(pid, "/proc", wanted, {}, access, session)  # type: ignore[arg-type]
+    top = max(held.values())  # fds 0..top: stdio, then the sockets
+    lows, high = [], top  # the chunks read: 1024 fds each from the top, while the child is below
+    while high >= 0 and child_fd <= high:
+        lows.append(max(high - 1023, 0))
+        high = lows[-1] - 1
+    assert session.bounds == [(pid, low) for low in lows]
+    assert sorted(int(fd) for _, fd in hits) == [fd for fd in held.values() if fd >= lows[-1]]
+    assert len(lows) == (3 if child_fd == 0 else 2)

@@ -7,12 +7,14 @@ tens), while the agent dumps sock_diag on another core; then it answers requests
 
     request:  <budget seconds> <inode> <inode> ...\n
     reply:    <inode> <pid> <fd>\n      each inode found, as it is found
-              at <pid>\n                the first lap reads this pid: every one before it is read
+              at <pid> <fd>\n           the first lap reads this pid, every one before it
+                                        is read, and in it every fd below <fd>
               done <complete 0|1> <denied> <error, or ->\n
 
 A request arriving before the lap is over makes the rest of the lap stop once every wanted
 inode is found. Meanwhile the agent, its dump done, may scan from the highest pid down and say
-``upto <pid>`` (every pid from there up is read): the lap stops when it gets there, and the two
+``upto <pid> <fd>`` (every pid above <pid> is read, and every fd from <fd> up in it: the two
+may meet inside a process holding 20k sockets): the lap stops when it gets there, and the two
 halves make a full lap in about half the time; ``stop`` says the agent has found the rest.
 Inodes still missing after a full lap (sockets opened after their process was looked at) get
 a second lap over the processes of that moment. The reply ends by the time the budget, counted
@@ -94,6 +96,7 @@ class Record:
         self.missing: set[int] = set()  # wanted by the request being answered, not found yet
         self.hits: dict[int, tuple[int, int]] = {}  # the request's finds: inode -> (pid, fd)
         self.current = 0  # the pid the lap is reading: every one before it is read
+        self.current_fd = 0  # and in it, every fd below this one
         self.next_pid: int | None = None  # the lap's next pid, between two processes
 
     def pids_now(self) -> list[int]:
@@ -131,10 +134,11 @@ class Record:
         """One fd table, read by ``links``, yielding every CHUNK fds."""
         missing, hits = self.missing, self.hits
         add_inode, add_pid, add_fd = self.inodes.append, self.pids.append, self.fds.append
-        self.current = pid
+        self.current, self.current_fd = pid, 0
         try:
             for n, (name, target) in enumerate(links(dir_fd), 1):
                 if n % CHUNK == 0:
+                    self.current_fd = int(name)  # every fd below it is read
                     yield
                     if not keep and not missing:
                         return  # nothing more to look for
@@ -189,9 +193,9 @@ class Requests:
                 self._read()  # the rest of a line being written
         return self.next() if b"\n" in self.buffer else None
 
-    def upto(self, bound: int | None) -> int | None:
-        """The agent's latest ``upto`` bound (else ``bound``): only those lines are taken, a
-        request that follows is left for its turn."""
+    def upto(self, bound: tuple[int, int] | None) -> tuple[int, int] | None:
+        """The agent's latest ``upto`` bound, (pid, fd) (else ``bound``): only those lines
+        are taken, a request that follows is left for its turn."""
         while True:
             if b"\n" not in self.buffer:
                 if not select.select([self.fd], [], [], 0)[0]:
@@ -200,9 +204,10 @@ class Requests:
                 continue
             if self.buffer.startswith(b"stop\n"):  # the agent has all it wanted
                 self.next()
-                bound = 0
+                bound = (-1, 0)
             elif self.buffer.startswith(b"upto "):
-                bound = int(self.next().split()[1])
+                _, pid, fd = self.next().split()
+                bound = (int(pid), int(fd))
             else:
                 return bound
 
@@ -228,17 +233,27 @@ class Reply:
     def __init__(self, record: Record, write: Callable[[bytes], None]) -> None:
         self.record, self.write = record, write
         self.sent: set[int] = set()
-        self.at = -1
+        self.at = (-1, -1)
 
     def flush(self, progress: bool) -> None:
         new = [(i, hit) for i, hit in self.record.hits.items() if i not in self.sent]
         lines = [f"{inode} {pid} {fd}\n" for inode, (pid, fd) in new]
         self.sent.update(i for i, _ in new)
-        if progress and self.record.current != self.at:
-            self.at = self.record.current
-            lines.append(f"at {self.at}\n")
+        at = (self.record.current, self.record.current_fd)
+        if progress and at != self.at:
+            self.at = at
+            lines.append(f"at {at[0]} {at[1]}\n")
         if lines:
             self.write("".join(lines).encode())
+
+
+def _reached(record: Record, bound: tuple[int, int]) -> bool:
+    """Whether the lap has got to where the agent's scan from the top has read down to."""
+    pid, fd = bound
+    nxt = record.next_pid
+    if nxt is not None:  # between two processes
+        return nxt > pid or (nxt == pid and fd == 0)
+    return record.current > pid or (record.current == pid and record.current_fd >= fd)
 
 
 def answer(
@@ -251,7 +266,8 @@ def answer(
     """Replies to one request; ``laps[0]`` is the first lap, None once it has ended.
 
     While the first lap goes on, the agent may scan too, from the highest pid down: it says
-    ``upto <pid>`` (every pid from there up is read) and this lap stops on reaching it."""
+    ``upto <pid> <fd>`` (every pid above <pid> is read, and in it every fd from <fd> up) and
+    this lap stops on reaching it."""
     fields = line.split()
     budget = max(0.0, float(fields[0]))
     deadline = time.monotonic() + budget
@@ -265,14 +281,13 @@ def answer(
     first = laps[0]
     if first is not None and record.missing:
         # Not a full lap yet: go on recording, but stop as soon as all are found.
-        bound: int | None = None
+        bound: tuple[int, int] | None = None
         for _ in first:
             reply.flush(progress=True)
             bound = requests.upto(bound)
             if not record.missing or time.monotonic() >= deadline:
                 break
-            nxt = record.next_pid
-            if bound is not None and nxt is not None and nxt >= bound:
+            if bound is not None and _reached(record, bound):
                 met = True  # the agent has read the rest
                 break
         else:

@@ -145,7 +145,10 @@ class Session:
         self._until, self._clock = until, clock
         self._pending = b""
         self.fds: dict[int, tuple[int, int]] = {}  # inode -> (pid, fd)
-        self.position = -1  # every pid up to this one was read by the child's first lap
+        # The child's first lap reads pid ``position``: every pid below it is read, and in it
+        # every fd below ``position_fd``.
+        self.position = -1
+        self.position_fd = 0
         self.answer: PrescanAnswer | None = None
         self.failed = False
         self._open = True
@@ -202,17 +205,18 @@ class Session:
 
     def _line(self, line: bytes) -> bool:
         fields = line.split()
-        if len(fields) == 2 and fields[0] == b"at" and fields[1].isdigit():
-            self.position = int(fields[1])
+        if len(fields) == 3 and fields[0] == b"at" and fields[1].isdigit() and fields[2].isdigit():
+            self.position, self.position_fd = int(fields[1]), int(fields[2])
             return True
         if len(fields) != 3 or not all(f.isdigit() for f in fields):
             return False
         self.fds[int(fields[0])] = (int(fields[1]), int(fields[2]))
         return True
 
-    def covered(self, pid: int) -> None:
-        """Tells the child that every pid from ``pid`` up has been read here."""
-        if self._open and not self.send(f"upto {pid}\n".encode()):
+    def covered(self, pid: int, fd: int = 0) -> None:
+        """Tells the child that every pid above ``pid`` has been read here, and in ``pid``
+        every fd from ``fd`` up."""
+        if self._open and not self.send(f"upto {pid} {fd}\n".encode()):
             self.fail()
 
     def stop(self) -> None:

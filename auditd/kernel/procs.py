@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from auditd.kernel._fdscan_child import links
 from auditd.kernel.netns import cgroup_paths, name_from_cgroup
-from auditd.kernel.prescan import FdPrescan
+from auditd.kernel.prescan import FdPrescan, Session
 from auditd.model import ProcessInfo
 
 CMDLINE_MAX = 200
@@ -200,10 +200,14 @@ def _ask(
     try:
         pids = _pids(proc_root, 0, access) or []
         for pid in reversed(pids):
-            if not session.poll() or pid <= session.position:
+            if not session.poll() or pid < session.position:
                 break  # the reply is over, or the child's lap has read the rest
             left.difference_update(session.fds)
             if not left or (deadline is not None and clock() > deadline):
+                break
+            if pid == session.position:  # the child is in it: read it from the top down
+                for inode, fd in _look_down(pid, proc_root, wanted, found, access, session):
+                    hits.append((inode, pid, fd))
                 break
             for inode, fd in _look(pid, proc_root, wanted, found, access):
                 hits.append((inode, pid, fd))
@@ -268,6 +272,50 @@ def _look(
     except PermissionError:  # listable but not ours: no CAP_SYS_PTRACE
         access.denied += 1
     except OSError:  # gone while being read
+        pass
+    finally:
+        os.close(dir_fd)
+    return hits
+
+
+DOWN_CHUNK = 1024  # fds read from the top between two looks at where the child is
+
+
+def _look_down(
+    pid: int,
+    proc_root: str,
+    wanted: dict[str, int],
+    found: dict[int, ProcessInfo],
+    access: _Access,
+    session: Session,
+) -> list[tuple[int, str]]:
+    """``_look`` from the highest fd down, in the process the child's lap is reading, until
+    the two meet: a process holding 20k sockets would otherwise be the child's alone."""
+    try:
+        dir_fd = os.open(os.path.join(proc_root, str(pid), "fd"), os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:  # gone, or refused: the child's answer says so
+        return []
+    hits: list[tuple[int, str]] = []
+    try:
+        names = sorted(os.listdir(dir_fd), key=int, reverse=True)
+        for start in range(0, len(names), DOWN_CHUNK):
+            chunk = names[start : start + DOWN_CHUNK]
+            if not session.poll() or session.position != pid:
+                break  # the reply is over, or the child has finished this process
+            if session.position_fd > int(chunk[0]):
+                break  # the child has read these
+            for fd in chunk:
+                try:
+                    target = os.readlink(fd, dir_fd=dir_fd)
+                except FileNotFoundError:  # closed meanwhile
+                    continue
+                inode = wanted.get(target)
+                if inode is not None and inode not in found:
+                    hits.append((inode, fd))
+            session.covered(pid, int(chunk[-1]))
+    except PermissionError:
+        access.denied += 1
+    except (OSError, ValueError):  # gone while being read
         pass
     finally:
         os.close(dir_fd)
