@@ -254,6 +254,29 @@ def test_a_process_gone_mid_scan(proc: Path) -> None:
     assert scan.complete and scan.denied == 0 and scan.error is None
 
 
+def test_deadline_inside_a_big_fd_table(proc: Path) -> None:
+    """A process holding thousands of fds is read 1024 at a time between looks at the clock:
+    out of time inside it, the scan stops there, is incomplete, and the next one starts with
+    that process again."""
+    make_process(proc, 100, "small", {3: "socket:[1]"})
+    make_process(proc, 200, "big", {fd: f"socket:[{1000 + fd}]" for fd in range(3, 3003)})
+    make_process(proc, 300, "after", {3: "socket:[3]"})
+    times = iter([0.0, 0.0, 2.0])  # before 100, before 200, after its first 1024 fds
+
+    cache = procs.OwnerCache()
+    scan = procs.find_owners([1, 3500, 3], str(proc), deadline=1.0,
+                             clock=lambda: next(times, 2.0), cache=cache)  # fmt: skip
+    assert set(scan.found) == {1} and not scan.complete
+    assert cache.resume_after == 199
+    scan = procs.find_owners([1, 3500, 3], str(proc), deadline=None, cache=cache)
+    assert {inode: info.name for inode, info in scan.found.items()} == {
+        1: "small",
+        3500: "big",
+        3: "after",
+    }
+    assert scan.complete and scan.fds[3500] == 2500
+
+
 # --- the rules file changing under a reload ------------------------------------------------------
 
 RULES = "version: 1\nrules:\n" + "".join(

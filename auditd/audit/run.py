@@ -272,7 +272,7 @@ def count_findings(
 # Attribution may take this fraction of the dump's own time (at least the minimum): a full
 # /proc/*/fd scan costs a readlink per open fd, several times a socket's share of the dump.
 ATTRIBUTION_FRACTION = 0.3
-ATTRIBUTION_MIN_SECONDS = 0.2
+ATTRIBUTION_MIN_SECONDS = 0.25
 # With socket inspection every socket whose keepalive is on or unknown needs its owner's fd:
 # the scan is mostly a full one, and gets a budget to match (an opt-in cost, see README).
 INSPECT_ATTRIBUTION_FRACTION = 2.0

@@ -209,7 +209,8 @@ def _ask(
                 for inode, fd in _look_down(pid, proc_root, wanted, found, access, session):
                     hits.append((inode, pid, fd))
                 break
-            for inode, fd in _look(pid, proc_root, wanted, found, access):
+            own, _ = _look(pid, proc_root, wanted, found, access, deadline, clock)
+            for inode, fd in own:
                 hits.append((inode, pid, fd))
                 left.discard(inode)
             if not left:
@@ -248,34 +249,42 @@ def _pids(proc_root: str, resume_after: int, access: _Access) -> list[int] | Non
     return pids[cut:] + pids[:cut]
 
 
+LOOK_CHUNK = 1024  # fds read between two looks at the clock
+
+
 def _look(
     pid: int,
     proc_root: str,
     wanted: dict[str, int],
     found: dict[int, ProcessInfo],
     access: _Access,
-) -> list[tuple[int, str]]:
-    """(inode, fd) of the wanted sockets not found yet that ``pid`` holds."""
+    deadline: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[list[tuple[int, str]], bool]:
+    """(inode, fd) of the wanted sockets not found yet that ``pid`` holds, and False if the
+    ``deadline`` came before the end of its fd table (20k sockets take 0.1 s to read)."""
     try:  # readlink relative to the open fd directory: no path building, no path walk
         dir_fd = os.open(os.path.join(proc_root, str(pid), "fd"), os.O_RDONLY | os.O_DIRECTORY)
     except PermissionError:  # another user's, without CAP_DAC_READ_SEARCH
         access.denied += 1
-        return []
+        return [], True
     except OSError:  # gone
-        return []
+        return [], True
     hits: list[tuple[int, str]] = []
     try:
-        for fd, target in links(dir_fd):
+        for n, (fd, target) in enumerate(links(dir_fd), 1):
             inode = wanted.get(target)
             if inode is not None and inode not in found:
                 hits.append((inode, fd))
+            if n % LOOK_CHUNK == 0 and deadline is not None and clock() > deadline:
+                return hits, False
     except PermissionError:  # listable but not ours: no CAP_SYS_PTRACE
         access.denied += 1
     except OSError:  # gone while being read
         pass
     finally:
         os.close(dir_fd)
-    return hits
+    return hits, True
 
 
 DOWN_CHUNK = 1024  # fds read from the top between two looks at where the child is
@@ -343,7 +352,7 @@ def _scan(
             return False
         if cache is not None:
             cache.resume_after = pid
-        hits = _look(pid, proc_root, wanted, found, access)
+        hits, whole = _look(pid, proc_root, wanted, found, access, deadline, clock)
         if hits:
             info = process_info(pid, proc_root)
             if info is not None:
@@ -352,6 +361,10 @@ def _scan(
                     entries[inode] = (pid, fd, info)
             if len(found) >= len(wanted):
                 return True
+        if not whole:  # out of time inside it: next time, this process again
+            if cache is not None:
+                cache.resume_after = pid - 1
+            return False
     if cache is not None:
         cache.resume_after = 0  # a full lap: next time, start from the beginning
     return True
