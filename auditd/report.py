@@ -243,6 +243,32 @@ def _needs(t: Thresholds, s: Sysctls, label: str) -> list[str]:
     return out
 
 
+def _middleboxes(s: Sysctls) -> list[str]:
+    """The namespace's own conntrack and IPVS, and the idle timeouts they put on its flows."""
+    lines = ["local middleboxes (an idle entry is dropped, and the connection's next segment):"]
+    ct = s.conntrack_timeout
+    if ct is not None:
+        lines.append(
+            f"  conntrack ({s.conntrack_entries} flows tracked): established flows idle "
+            f"{ct} s (net.netfilter.nf_conntrack_tcp_timeout_established); a rule's "
+            f"idle_timeout above it is replaced by it"
+        )
+    elif s.values.get("net.netfilter.nf_conntrack_tcp_timeout_established") is not None:
+        lines.append("  conntrack: loaded, but tracks no flow in this namespace")
+    else:
+        lines.append("  conntrack: not loaded")
+    if s.ipvs_tcp_timeout is not None and s.ipvs_services:
+        lines.append(
+            f"  IPVS: TCP timeout {s.ipvs_tcp_timeout} s for the {len(s.ipvs_services)} virtual "
+            f"services of this namespace; it replaces a longer idle_timeout for connections "
+            f"to or from them"
+        )
+    else:
+        lines.append("  IPVS: no TCP virtual service")
+    lines.append("")
+    return lines
+
+
 def explain(rules: RuleSet, ns: NamespaceReport) -> str:
     s = ns.sysctls
     lines = [f"netns {ns.netns}" + (f" (inode {ns.inode})" if ns.inode else "")]
@@ -257,6 +283,7 @@ def explain(rules: RuleSet, ns: NamespaceReport) -> str:
     lines.append(f"  {hints.in_flight_arithmetic(s)}")
     lines.append("  TCP_USER_TIMEOUT on a socket replaces this model")
     lines.append("")
+    lines.extend(_middleboxes(s))
     lines.append(f"rules ({rules.source}):")
     lines.extend(_needs(rules.defaults, s, DEFAULT_RULE))
     for rule in rules.rules:

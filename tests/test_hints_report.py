@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -245,6 +246,24 @@ def test_explain_tuned_namespace() -> None:
     text = report.explain(ruleset(), ns)
     assert "= 330 s" in text and "((2 << 8) - 1) × 0.2 s = 102.2 s" in text
     assert "TOO SLOW" not in text and "OVER BUDGET" not in text
+
+
+def test_explain_local_middleboxes() -> None:
+    plain = report.explain(RULES, audit_namespace(RULES, FakeKernel([]), "host")[0])
+    assert "  conntrack: not loaded\n  IPVS: no TCP virtual service\n" in plain
+    s = sysctls(nf_conntrack_tcp_timeout_established=3600)
+    s = replace(s, conntrack_entries=12, ipvs_tcp_timeout=900,
+                ipvs_services=frozenset({(bytes(16), 80)}))  # fmt: skip
+    text = report.explain(RULES, audit_namespace(RULES, FakeKernel([], sysctls=s), "host")[0])
+    assert (
+        "  conntrack (12 flows tracked): established flows idle 3600 s "
+        "(net.netfilter.nf_conntrack_tcp_timeout_established); a rule's idle_timeout above it "
+        "is replaced by it\n"
+    ) in text
+    assert "  IPVS: TCP timeout 900 s for the 1 virtual services of this namespace" in text
+    idle = replace(s, conntrack_entries=0, ipvs_services=frozenset())
+    text = report.explain(RULES, audit_namespace(RULES, FakeKernel([], sysctls=idle), "host")[0])
+    assert "  conntrack: loaded, but tracks no flow in this namespace\n" in text
 
 
 # --- hints ------------------------------------------------------------------------------------
