@@ -27,7 +27,7 @@ from helpers import DATA, diag_message, nlmsg, tcp_info
 
 from auditd import cli, logs
 from auditd.daemon import Daemon, DaemonOptions
-from auditd.kernel import LocalKernel, procs
+from auditd.kernel import LocalKernel, procs, sockdiag
 from auditd.kernel.sockdiag import NLMSG_DONE, NLMSG_ERROR
 
 # --- a scripted kernel -------------------------------------------------------------------------
@@ -199,6 +199,29 @@ def test_a_dump_cut_short_is_used_counted_and_logged_once(proc: Path) -> None:
     netlink.scripts = [GOOD]
     h.audit()
     assert [x["stage"] for x in h.logged("audit recovered")] == ["dump"]
+
+
+def test_a_kernel_that_stops_answering_is_a_timeout_not_a_hang(proc: Path) -> None:
+    """The real netlink socket waits RECV_TIMEOUT for each datagram; here a socket whose
+    peer never answers stands in for it, with a short timeout."""
+    assert sockdiag.netlink_socket().gettimeout() == sockdiag.RECV_TIMEOUT
+    peers: list[socket.socket] = []
+
+    def silent() -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        peers.extend((ours, theirs))
+        ours.settimeout(0.05)
+        return ours
+
+    try:
+        h = Harness(proc, silent)  # type: ignore[arg-type]
+        assert h.audit(times=2) is None
+        assert h.errors() == {"dump": 2}
+        [line] = h.logged("audit failed")
+        assert line["error"] == "sock_diag dump failed: no reply from the kernel in 0.05 s"
+    finally:
+        for peer in peers:
+            peer.close()
 
 
 # --- /proc ---------------------------------------------------------------------------------------

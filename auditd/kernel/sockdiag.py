@@ -65,6 +65,10 @@ _ZERO_INFO = bytes(_TI_LEN)
 _MSG_HDR_LEN = NLMSGHDR.size + DIAG_MSG.size  # 88: where the attributes start
 
 RECV_BUFFER = 256 * 1024
+# A dump's datagrams come milliseconds apart; a kernel silent this long is not going to answer
+# (the agent counts the failure and tries again next cycle instead of hanging until systemd's
+# watchdog kills it).
+RECV_TIMEOUT = 10.0
 
 Buffer = bytes | bytearray | memoryview
 
@@ -205,6 +209,7 @@ def netlink_socket() -> socket.socket:
         socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG
     )
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    sock.settimeout(RECV_TIMEOUT)
     return sock
 
 
@@ -228,6 +233,11 @@ def _recv(sock: socket.socket, view: memoryview) -> memoryview:
     """One datagram into the reused buffer (EINTR is retried by Python, PEP 475)."""
     try:
         nbytes, _anc, flags, _addr = sock.recvmsg_into([view])
+    except TimeoutError as exc:
+        waited = sock.gettimeout() or RECV_TIMEOUT
+        raise KernelError(
+            f"sock_diag dump failed: no reply from the kernel in {waited:g} s", errno.ETIMEDOUT
+        ) from exc
     except OSError as exc:
         raise KernelError(f"sock_diag dump failed: {exc.strerror}", exc.errno) from exc
     if flags & socket.MSG_TRUNC:
