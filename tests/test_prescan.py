@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from auditd.kernel import LocalKernel, _fdscan_child, procs
-from auditd.kernel.prescan import FdPrescan
+from auditd.kernel.prescan import FdPrescan, PrescanAnswer
 from auditd.kernel.procs import OwnerCache, find_owners
 from auditd.launch import CHILD
 
@@ -512,3 +512,49 @@ def test_look_down_reads_from_the_top_to_where_the_child_is(
     assert session.bounds == [(pid, low) for low in lows]
     assert sorted(int(fd) for _, fd in hits) == [fd for fd in held.values() if fd >= lows[-1]]
     assert len(lows) == (3 if child_fd == 0 else 2)
+
+
+class ScriptedSession:
+    """A session whose child reports ``late`` (inode -> (pid, fd)) once the agent has said
+    it read a first process: the agent finds the rest meanwhile."""
+
+    def __init__(self, late: dict[int, tuple[int, int]]) -> None:
+        self.late = late
+        self.fds: dict[int, tuple[int, int]] = {}
+        self.position, self.position_fd = -1, 0
+        self.said: list[str] = []
+
+    def poll(self) -> bool:
+        return "stop" not in self.said
+
+    def covered(self, pid: int, fd: int = 0) -> None:
+        self.said.append(f"upto {pid} {fd}")
+        self.fds.update(self.late)
+
+    def stop(self) -> None:
+        self.said.append("stop")
+
+    def finish(self) -> PrescanAnswer:
+        return PrescanAnswer(dict(self.fds), complete="stop" in self.said, denied=0, error=None)
+
+    def fail(self) -> None:
+        pass
+
+
+def test_agent_stops_the_child_once_the_two_have_found_everything(tmp_path: Path) -> None:
+    # The agent reads 300 and finds 1; the child then reports 2: nothing is left, and the
+    # agent must say "stop" (the child would go on until the deadline otherwise).
+    fake_proc_fds(tmp_path, 300, {3: "socket:[1]"})
+    fake_proc_fds(tmp_path, 200, {3: "pipe:[5]"})
+    fake_proc_fds(tmp_path, 100, {3: "pipe:[6]"})
+    for pid in (100, 200, 300):
+        (tmp_path / str(pid) / "comm").write_text("db\n")
+    session = ScriptedSession({2: (100, 9)})
+
+    class Prescan:
+        def begin(self, *args: object) -> ScriptedSession:
+            return session
+
+    scan = find_owners([1, 2], str(tmp_path), deadline=None, prescan=Prescan())  # type: ignore[arg-type]
+    assert session.said == ["upto 300 0", "stop"]
+    assert scan.complete and scan.fds == {1: 3, 2: 9}

@@ -203,8 +203,11 @@ def _ask(
             if not session.poll() or pid < session.position:
                 break  # the reply is over, or the child's lap has read the rest
             left.difference_update(session.fds)
-            if not left or (deadline is not None and clock() > deadline):
+            if not left:  # the two scans found everything between them
+                session.stop()
                 break
+            if deadline is not None and clock() > deadline:
+                break  # the child stops at the same time
             if pid == session.position:  # the child is in it: read it from the top down
                 for inode, fd in _look_down(pid, proc_root, wanted, found, access, session):
                     hits.append((inode, pid, fd))
