@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Collection, Iterator, Sequence
+from dataclasses import replace
 
 import pytest
 from helpers import DEFAULT_SYSCTLS, FakeKernel
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from auditd.audit.evaluate import socket_findings
 from auditd.audit.inference import keepalive_status
-from auditd.audit.run import ATTRIBUTION_MIN_SECONDS, audit, audit_namespace
+from auditd.audit.run import ATTRIBUTION_MIN_SECONDS, _Judged, audit, audit_namespace
 from auditd.config import RuleSet, Thresholds
 from auditd.errors import KernelError
 from auditd.kernel import DumpStats, OwnerScan
@@ -149,6 +150,53 @@ def test_fast_pass_matches_the_reference_functions(socks: list, t: Thresholds) -
     assert sum(sum(h) for h in report.idle_histogram.values()) == sum(
         1 for s in socks if s.state == 1
     )
+
+
+# Idle ages at and around every threshold _thresholds can make: exact ties are where the two
+# ways of judging would part.
+_EDGES = sorted({
+    max(0, round(w * t * 1000) + d)
+    for w in (0.1, 0.5, 0.999, 1.0) for t in (0.001, 1.0, 2.5, 350.0, 7200.0) for d in (-1, 0, 1)
+})  # fmt: skip
+_idle_socks = st.builds(
+    lambda timer, idle, inode: make_sock(
+        timer=timer, last_data_sent_ms=idle, last_data_recv_ms=idle, last_ack_recv_ms=idle,
+        inode=inode, sport=inode % 60000,
+    ),
+    st.sampled_from([0, 0, 0, 2]),
+    st.one_of(st.sampled_from(_EDGES), _ms),
+    st.integers(min_value=1, max_value=10**9),
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(_idle_socks, _socks), max_size=40), _thresholds,
+       st.integers(min_value=0, max_value=5))  # fmt: skip
+def test_judging_idle_sockets_directly_matches_judge(
+    socks: list,
+    t: Thresholds,
+    limit: int,  # type: ignore[type-arg]
+) -> None:
+    # _Judged judges idle sockets without keepalive itself when there are no rules and no
+    # local middlebox: the counts and the sockets kept must be what judge() gives.
+    rules = RuleSet(defaults=t)
+    fast = _Judged(rules, DEFAULT_SYSCTLS, limit, set())
+    slow = _Judged(rules, DEFAULT_SYSCTLS, limit, set())
+    assert fast._idle_limits is not None
+    slow._idle_limits = None
+    for sock in socks:
+        fast.add(sock)
+        slow.add(sock)
+    assert fast.counts == slow.counts
+    assert fast.socks() == slow.socks()
+
+
+def test_a_rule_or_a_middlebox_turns_direct_judging_off() -> None:
+    from helpers import rule, sysctls
+
+    assert _Judged(RuleSet(rules=(rule("pg"),)), DEFAULT_SYSCTLS, 1, set())._idle_limits is None
+    conntrack = replace(sysctls(nf_conntrack_tcp_timeout_established=300), conntrack_entries=1)
+    assert _Judged(RuleSet(), conntrack, 1, set())._idle_limits is None
 
 
 def test_a_broken_namespace_is_skipped_but_a_broken_host_is_not() -> None:

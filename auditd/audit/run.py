@@ -35,6 +35,7 @@ from auditd.kernel.inspect import Inspector
 from auditd.model import (
     Counters,
     Finding,
+    FindingKind,
     Keepalive,
     ProcessInfo,
     Severity,
@@ -230,10 +231,20 @@ class _Judged:
         self.counts: dict[tuple[str, str, str], int] = {}
         self._heap: list[tuple[int, int, int, Sock]] = []  # the best kept on top: a min-heap
         self._seq = 0
+        # Without rules or a local middlebox, an idle ESTABLISHED socket without keepalive
+        # (the bulk of a host where everything is flagged) is judged here, as ``judge`` would,
+        # at a third of the cost; test_run holds the two equal.
+        t = rules.defaults
+        simple = not rules.rules and middlebox_cap(sysctls) is None
+        self._idle_limits = (t.warn_at * t.idle_timeout, t.idle_timeout) if simple else None
 
     def add(
         self, sock: Sock, process: ProcessInfo | None = None, options: SocketOptions | None = None
     ) -> None:
+        limits = self._idle_limits
+        if limits is not None and options is None and sock.state == 1 and sock.timer == 0:
+            self._idle(sock, *limits)
+            return
         rule, verdicts = judge(self.rules, sock, process, self.sysctls, options)
         if rule is not None:
             self.matched.add(rule.name)
@@ -245,8 +256,22 @@ class _Judged:
             key = (v.kind, labels[v.severity], name)
             counts[key] = counts.get(key, 0) + 1
             worst = max(worst, int(v.severity))
+        self._keep((worst, path_idle_ms(sock)), sock)
+
+    def _idle(self, sock: Sock, warn_after: float, timeout: float) -> None:
+        """``add`` of an ESTABLISHED socket without keepalive under the defaults alone."""
+        idle_ms = path_idle_ms(sock)
+        idle = idle_ms / 1000
+        if idle < warn_after:
+            return
+        severity = Severity.CRITICAL if idle >= timeout else Severity.WARNING
+        key = (FindingKind.IDLE_NO_KEEPALIVE, _SEVERITY_LABELS[severity], DEFAULT_RULE)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        self._keep((int(severity), idle_ms), sock)
+
+    def _keep(self, rank: tuple[int, int], sock: Sock) -> None:
         self._seq -= 1  # the first seen wins a tie: dump order
-        entry = (worst, path_idle_ms(sock), self._seq, sock)
+        entry = (*rank, self._seq, sock)
         heap = self._heap
         if not self.limit or len(heap) < self.limit:
             heapq.heappush(heap, entry)
