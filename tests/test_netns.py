@@ -449,6 +449,26 @@ def test_cli_audits_every_namespace_with_its_own_sysctls(lab: netlab.Lab, tmp_pa
 
 
 @pytest.mark.kernel
+def test_cli_attributes_sockets_of_every_namespace(lab: netlab.Lab, tmp_path: Path) -> None:
+    """One owner scan (socket inodes are global) serves every namespace of --netns all."""
+    home, other = lab.netns(), lab.netns()
+    for ns in (home, other):  # keepalive on the 7200 s default: keepalive_too_slow at once
+        listener = ns.listen("127.0.0.1")
+        client = ns.make_socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        client.connect(listener.getsockname())
+        ns.adopt(listener.accept()[0])
+    run = home.audit(rules_yaml(tmp_path), "--netns", "all", "--fail-on", "never")
+    assert run.rc == 0 and run.doc is not None, run.stderr
+    names = ("host", other.name)
+    slow = [f for f in run.findings() if f["kind"] == "keepalive_too_slow" and f["netns"] in names]
+    assert sorted(f["netns"] for f in slow) == sorted(["host", other.name])
+    assert {f["pid"] for f in slow} == {os.getpid()}
+    ours = [ns for ns in run.doc["namespaces"] if ns["netns"] in names]
+    assert [ns["attribution"] for ns in ours] == [{"wanted": 1, "found": 1, "complete": True}] * 2
+
+
+@pytest.mark.kernel
 def test_a_namespace_that_vanishes_during_the_audit_is_skipped(
     lab: netlab.Lab, unshared: subprocess.Popen[bytes], tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
