@@ -223,7 +223,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         namespaces = args.sources()
         for _, source in namespaces:
             if isinstance(source, LocalKernel):  # or NamespaceKernel
-                source.prescan = prescan
+                source.share(prescan)
         sources = observe(namespaces, problems)
         result = audit(rules, sources, inspector=inspector, max_findings=args.max_findings)
     finally:

@@ -28,6 +28,7 @@ from auditd.http import MetricsServer
 from auditd.kernel import KernelSource, LocalKernel, OwnerCache
 from auditd.kernel.inspect import SocketInspector
 from auditd.kernel.limits import Problems, netns_note, observe
+from auditd.kernel.prescan import FdPrescan
 from auditd.model import Finding, Severity
 from auditd.notify import Notifier, watchdog_interval
 from auditd.webconfig import WebConfig, load_web_config
@@ -102,6 +103,11 @@ class Daemon:
         self.server: MetricsServer | None = None
         self.web = WebConfig()
         self.owner_caches: dict[str, OwnerCache] = {}
+        # The first audit, with cold owner caches, scans /proc in a child process while it
+        # dumps (auditd.kernel.prescan); the next ones re-check the owners they know and go on
+        # in-process from where that scan stopped, if it ran out of time.
+        self.owners_cold = True
+        self.owner_scans_in_child = 0
         self._skipped: set[str] = set()  # namespaces skipped by the last audit
         self._inspection_error: str | None = None
 
@@ -161,12 +167,13 @@ class Daemon:
     def audit_once(self) -> AuditResult | None:
         rules = self.state.rules
         started = self.clock()
+        prescan = FdPrescan.start() if self.owners_cold else None
         try:
             problems = Problems()
             inspector = SocketInspector() if self.options.inspect_sockets else None
             result = audit(
                 rules,
-                observe(self._sources(), problems),
+                observe(self._sources(prescan), problems),
                 clock=self.clock,
                 inspector=inspector,
                 max_findings=self.options.max_findings,
@@ -180,6 +187,11 @@ class Daemon:
         except Exception as exc:  # a bug must not kill the agent; count it and go on
             self._fail("internal", f"{type(exc).__name__}: {exc}")
             return None
+        finally:
+            if prescan is not None:
+                prescan.close()
+                self.owner_scans_in_child += 1
+        self.owners_cold = False
         self._settle(problems)
         self._count_skipped(result)
         self._note_inspection(inspection_error(result.namespaces))
@@ -214,15 +226,17 @@ class Daemon:
                 })  # fmt: skip
         self._skipped = set(skipped)
 
-    def _sources(self) -> list[tuple[str, KernelSource]]:
+    def _sources(self, prescan: FdPrescan | None = None) -> list[tuple[str, KernelSource]]:
         """This cycle's namespaces, each with the owner cache its namespace had last cycle:
-        attribution re-checks known owners and resumes an unfinished /proc scan."""
+        attribution re-checks known owners and resumes an unfinished /proc scan (or asks
+        ``prescan``, the scan started in a child for this cycle)."""
         sources = self.sources()
         caches: dict[str, OwnerCache] = {}
         for name, source in sources:
             if isinstance(source, LocalKernel) and source.owner_cache is None:  # or NamespaceKernel
                 cache = self.owner_caches.get(name)  # (an empty cache is falsy: no `or`)
                 source.owner_cache = cache if cache is not None else OwnerCache()
+                source.share(prescan)
                 caches[name] = source.owner_cache
         self.owner_caches = caches  # namespaces gone since take their caches with them
         return sources

@@ -558,3 +558,24 @@ def test_agent_stops_the_child_once_the_two_have_found_everything(tmp_path: Path
     scan = find_owners([1, 2], str(tmp_path), deadline=None, prescan=Prescan())  # type: ignore[arg-type]
     assert session.said == ["upto 300 0", "stop"]
     assert scan.complete and scan.fds == {1: 3, 2: 9}
+
+
+def test_scan_out_of_time_leaves_the_cache_where_neither_scan_read(tmp_path: Path) -> None:
+    # The child's lap is in pid 150 when the agent, reading down from 300, gets there: the
+    # owner of 2 was in neither part, and the next in-process scan starts at the gap.
+    fake_proc_fds(tmp_path, 300, {3: "socket:[1]"})
+    fake_proc_fds(tmp_path, 200, {3: "pipe:[5]"})
+    fake_proc_fds(tmp_path, 100, {3: "pipe:[6]"})
+    (tmp_path / "300" / "comm").write_text("db\n")
+    session = ScriptedSession({})
+    session.position = 150
+
+    class Prescan:
+        def begin(self, *args: object) -> ScriptedSession:
+            return session
+
+    cache = OwnerCache()
+    scan = find_owners([1, 2], str(tmp_path), prescan=Prescan(), cache=cache)  # type: ignore[arg-type]
+    assert session.said == ["upto 300 0", "upto 200 0"]
+    assert not scan.complete and scan.fds == {1: 3}
+    assert cache.resume_after == 149

@@ -64,6 +64,11 @@ class LocalKernel:
         self.owner_cache = owner_cache  # kept across audits by the daemon
         self.prescan = prescan  # the fd scan started with the audit, if any
 
+    def share(self, prescan: FdPrescan | None) -> None:
+        """Ask ``prescan`` for owners, if it scans the /proc this source reads."""
+        if prescan is not None and prescan.proc_root == self.proc_root:
+            self.prescan = prescan
+
     def netns_inode(self) -> int | None:
         try:
             return os.stat(os.path.join(self.proc_root, "thread-self", "ns", "net")).st_ino

@@ -42,9 +42,10 @@ class PrescanAnswer:
 class FdPrescan:
     """A running child scan; ``lookup`` as many times as there are namespaces, then ``close``."""
 
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], proc_root: str = "/proc") -> None:
         self._proc: subprocess.Popen[bytes] | None = proc
         self.pid = proc.pid
+        self.proc_root = proc_root  # the /proc it scans: only sources on the same one ask it
         # One request at a time on the pipes; reentrant, so that close() from the thread of
         # an unfinished session does not wait for itself.
         self._lock = threading.RLock()
@@ -55,7 +56,7 @@ class FdPrescan:
         command (tests)."""
         command = [*argv, proc_root] if argv is not None else child_command(proc_root)
         proc = spawn_scan(command)
-        return cls(proc) if proc is not None else None
+        return cls(proc, proc_root) if proc is not None else None
 
     def lookup(
         self,

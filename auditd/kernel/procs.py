@@ -159,7 +159,9 @@ def find_owners(
     access = _Access()
     complete = None
     if prescan is not None:
-        complete = _ask(prescan, wanted, found, hits_by_inode, proc_root, deadline, clock, access)
+        complete = _ask(
+            prescan, wanted, found, hits_by_inode, proc_root, deadline, clock, access, cache
+        )
     if complete is None:
         complete = _scan(wanted, found, hits_by_inode, proc_root, deadline, clock, cache, access)
     if cache is not None:
@@ -185,10 +187,12 @@ def _ask(
     deadline: float | None,
     clock: Callable[[], float],
     access: _Access,
+    cache: OwnerCache | None = None,
 ) -> bool | None:
     """The owners not found yet, from the child scan, with this process scanning from the
     highest pid down until it meets the child's lap; None if the child failed (the owners
-    found here are kept, for the in-process scan to go on with the rest)."""
+    found here are kept, for the in-process scan to go on with the rest). Out of time, the
+    ``cache`` is told to resume where the child's lap was: the part neither scan read."""
     missing = {inode for inode in wanted.values() if inode not in found}
     if not missing:
         return True
@@ -223,6 +227,8 @@ def _ask(
         answer = session.finish()
     finally:
         session.fail()  # no-op once the reply is complete
+    if cache is not None and (answer is None or not answer.complete) and session.position > 0:
+        cache.resume_after = session.position - 1
     infos: dict[int, ProcessInfo | None] = {}
     child = answer.fds.items() if answer is not None else ()
     for inode, pid, fd in [*hits, *((i, p, str(f)) for i, (p, f) in child)]:
