@@ -579,3 +579,18 @@ def test_scan_out_of_time_leaves_the_cache_where_neither_scan_read(tmp_path: Pat
     assert session.said == ["upto 300 0", "upto 200 0"]
     assert not scan.complete and scan.fds == {1: 3}
     assert cache.resume_after == 149
+
+
+def test_a_process_cut_short_by_the_deadline_is_not_said_to_be_read(tmp_path: Path) -> None:
+    fake_proc_fds(tmp_path, 300, {fd: f"pipe:[{fd}]" for fd in range(3, 2003)})
+    fake_proc_fds(tmp_path, 200, {3: "socket:[1]"})
+    session = ScriptedSession({})
+
+    class Prescan:
+        def begin(self, *args: object) -> ScriptedSession:
+            return session
+
+    times = iter([0.0, 2.0])  # before 300; after its first 1024 fds: past the deadline
+    scan = find_owners([1], str(tmp_path), deadline=1.0, clock=lambda: next(times, 2.0),
+                       prescan=Prescan())  # type: ignore[arg-type]  # fmt: skip
+    assert session.said == [] and not scan.complete

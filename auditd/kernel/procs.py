@@ -216,13 +216,15 @@ def _ask(
                 for inode, fd in _look_down(pid, proc_root, wanted, found, access, session):
                     hits.append((inode, pid, fd))
                 break
-            own, _ = _look(pid, proc_root, wanted, found, access, deadline, clock)
+            own, whole = _look(pid, proc_root, wanted, found, access, deadline, clock)
             for inode, fd in own:
                 hits.append((inode, pid, fd))
                 left.discard(inode)
             if not left:
                 session.stop()
                 break
+            if not whole:
+                break  # out of time inside it: not a process the child may count as read
             session.covered(pid)
         answer = session.finish()
     finally:
