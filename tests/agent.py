@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -173,18 +174,23 @@ class Agent:
     def stats(self) -> ProcStats:
         return proc_stats(self.proc.pid)
 
-    def stop(self) -> int:
-        self.proc.terminate()
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
         return self.proc.wait(timeout=10)
 
 
 @dataclass
 class Agents:
-    """Starts agents for one test and kills whatever still runs at the end."""
+    """Starts agents for one test and kills whatever still runs at the end.
+
+    An agent runs in ``netns`` (a namespace of the lab: its audits see the test's sockets
+    only, and it has every port free) unless started with ``host=True``, or when namespaces
+    cannot be made (``netns`` None)."""
 
     tmp: Path
     netns: netlab.Netns | None
     running: list[Agent] = field(default_factory=list)
+    startup_timeout: float = STARTUP_TIMEOUT
 
     def start(
         self,
@@ -196,9 +202,13 @@ class Agents:
         stderr: IO[bytes] | None = None,
         scheme: str = "http",
         scrape_kwargs: dict[str, Any] | None = None,
+        host: bool = False,
+        env: dict[str, str] | None = None,
+        startup_timeout: float | None = None,
     ) -> Agent:
+        netns = None if host else self.netns
         if port is None:
-            port = 9977 if self.netns is not None else free_port()
+            port = 9977 if netns is not None else free_port()  # a new netns has every port free
         if config is None:
             config = self.tmp / "rules.yaml"
             if not config.exists():
@@ -211,9 +221,10 @@ class Agents:
             "--log.format", "json",
             *args,
         ]  # fmt: skip
-        if self.netns is not None:
-            argv = self.netns.exec_argv(argv)  # ip netns exec execs: the pid is the agent's
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG"))}
+        if netns is not None:
+            argv = netns.exec_argv(argv)  # ip netns exec execs: the pid is the agent's
+        environ = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCH"))}
+        environ.update(env or {})
         log_path = self.tmp / f"agent-{len(self.running)}.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
@@ -221,12 +232,13 @@ class Agents:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr if stderr is not None else log,
-                env=env,
+                env=environ,
             )
-        agent = Agent(proc, port, log_path, self.netns, scheme)
+        agent = Agent(proc, port, log_path, netns, scheme)
         self.running.append(agent)
         if wait:
-            agent.wait_audit(0.0, STARTUP_TIMEOUT, **(scrape_kwargs or {}))
+            timeout = startup_timeout if startup_timeout is not None else self.startup_timeout
+            agent.wait_audit(0.0, timeout, **(scrape_kwargs or {}))
         return agent
 
     def close(self) -> None:

@@ -9,7 +9,6 @@ sysctls. The ``daemons`` fixture kills whatever is still running before the lab 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -22,15 +21,14 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import agent
 import netlab
 import pytest
-from agent import Scrape
+from agent import Agent, Agents, Scrape
 
 from auditd import logs, notify
 
@@ -47,132 +45,8 @@ RULES_V1 = "version: 1\nrules:\n  - name: alpha\n    match: {remote_ports: [5432
 # --- helpers -------------------------------------------------------------------------------
 
 
-def fetch(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return str(response.read().decode())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_for(what: str, probe: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """Calls ``probe`` every 0.1 s until it returns something truthy; fails after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = probe()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.1)
-
-
-@dataclass
-class Daemon:
-    proc: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-    netns: netlab.Netns | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/metrics"
-
-    def scrape(self) -> Scrape:
-        if self.netns is None:
-            return Scrape(fetch(self.url))
-        return Scrape(self.netns.call(lambda: fetch(self.url)))
-
-    def try_scrape(self) -> Scrape | None:
-        if self.proc.poll() is not None:
-            pytest.fail(f"daemon exited with {self.proc.returncode}:\n{self.log_text()}")
-        try:
-            return self.scrape()
-        except OSError:
-            return None
-
-    def wait_audit(self, after: float, timeout: float = 10.0) -> Scrape:
-        """The first scrape showing an audit that started after unix time ``after``."""
-
-        def probe() -> Scrape | None:
-            got = self.try_scrape()
-            return got if got is not None and (got.last_success or 0) > after else None
-
-        result: Scrape = wait_for(f"an audit started after {after:.3f}", probe, timeout)
-        return result
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def log(self) -> list[dict[str, Any]]:
-        """The JSON log lines so far; every line must be JSON (a traceback would not be)."""
-        return [json.loads(line) for line in self.log_text().splitlines()]
-
-    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, float]:
-        """(exit code, seconds from the signal to the exit)."""
-        started = time.monotonic()
-        self.proc.send_signal(sig)
-        rc = self.proc.wait(timeout=10)
-        return rc, time.monotonic() - started
-
-
-@dataclass
-class Daemons:
-    """Starts daemons for one test and kills them all at the end.
-
-    A daemon runs in ``netns`` (a fresh namespace of the lab) unless started with
-    ``host=True``: its audits then see this test's sockets only, not the host's, where other
-    test runs may hold 100k sockets or open and close connections at any moment.
-    ``netns`` is None, and every daemon runs in the host namespace, where namespaces cannot
-    be made.
-    """
-
-    tmp: Path
-    netns: netlab.Netns | None
-    running: list[Daemon] = field(default_factory=list)
-
-    def start(
-        self,
-        config: Path,
-        *,
-        host: bool = False,
-        env: dict[str, str] | None = None,
-        wait: bool = True,
-        startup_timeout: float = STARTUP_TIMEOUT,
-    ) -> Daemon:
-        netns = None if host else self.netns
-        port = 9977 if netns is not None else free_port()  # a new netns has every port free
-        argv = [
-            sys.executable, "-m", "auditd", "run",
-            "--web.listen-address", f"127.0.0.1:{port}",
-            "--audit.interval", "1s",
-            "--config.file", str(config),
-            "--log.format", "json",
-        ]  # fmt: skip
-        if netns is not None:
-            argv = netns.exec_argv(argv)  # ip netns exec execs: the pid is the daemon's
-        environ = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCH"))}
-        environ.update(env or {})
-        log_path = self.tmp / f"daemon-{len(self.running)}.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=environ
-            )
-        daemon = Daemon(proc, port, log_path, netns)
-        self.running.append(daemon)
-        if wait:
-            daemon.wait_audit(0.0, startup_timeout)
-        return daemon
-
-    def close(self) -> None:
-        for daemon in self.running:
-            if daemon.proc.poll() is None:
-                daemon.proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                daemon.proc.wait(timeout=5)
+    return agent.wait_for(what, probe, timeout)
 
 
 @functools.cache
@@ -183,13 +57,13 @@ def netns_unavailable() -> str | None:
 
 
 @pytest.fixture
-def daemons(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Daemons]:
+def daemons(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Agents]:
     netns = None
     if netns_unavailable() is None:
         # Set up before this fixture finishes, so torn down after it: daemons die first.
         lab: netlab.Lab = request.getfixturevalue("lab")
         netns = lab.netns()
-    started = Daemons(tmp_path, netns)
+    started = Agents(tmp_path, netns, startup_timeout=STARTUP_TIMEOUT)
     try:
         yield started
     finally:
@@ -206,9 +80,9 @@ def rules_file(tmp_path: Path) -> Path:
 # --- what the kernel says ------------------------------------------------------------------
 
 
-def test_sysctls_match_the_host_kernel(daemons: Daemons, rules_file: Path) -> None:
+def test_sysctls_match_the_host_kernel(daemons: Agents, rules_file: Path) -> None:
     # The first audit of a host full of other tests' sockets can take a while.
-    scrape = daemons.start(rules_file, host=True, startup_timeout=60).scrape()
+    scrape = daemons.start(config=rules_file, host=True, startup_timeout=60).scrape()
     for metric, path in SYSCTLS.items():
         kernel = int(Path("/proc/sys", path).read_text())
         assert scrape.value(metric, netns="host") == kernel, metric
@@ -216,7 +90,7 @@ def test_sysctls_match_the_host_kernel(daemons: Daemons, rules_file: Path) -> No
 
 
 @pytest.mark.kernel
-def test_sysctls_of_the_namespace_it_runs_in(daemons: Daemons, rules_file: Path) -> None:
+def test_sysctls_of_the_namespace_it_runs_in(daemons: Agents, rules_file: Path) -> None:
     ns = daemons.netns
     assert ns is not None
     values = {
@@ -227,18 +101,18 @@ def test_sysctls_of_the_namespace_it_runs_in(daemons: Daemons, rules_file: Path)
     }
     for name, value in values.items():
         ns.set_sysctl(name, value)
-    scrape = daemons.start(rules_file).scrape()
+    scrape = daemons.start(config=rules_file).scrape()
     for metric, path in SYSCTLS.items():
         assert scrape.value(metric, netns="host") == values[path.replace("/", ".")], metric
     detection = scrape.value("keepalive_dead_peer_detection_seconds", netns="host", case="idle")
     assert detection == 77 + 4 * 11
 
 
-def test_last_success_advances(daemons: Daemons, rules_file: Path) -> None:
-    daemon = daemons.start(rules_file)
+def test_last_success_advances(daemons: Agents, rules_file: Path) -> None:
+    daemon = daemons.start(config=rules_file)
     first = daemon.scrape().last_success
     assert first is not None
-    second = daemon.wait_audit(first).last_success
+    second = daemon.wait_audit(first, 10.0).last_success
     assert second is not None
     assert first < second <= time.time()
     assert 0.5 < second - first < 5, "audits should be about --audit.interval (1 s) apart"
@@ -265,20 +139,20 @@ def connect(netns: netlab.Netns | None) -> tuple[socket.socket, socket.socket]:
     return client, server
 
 
-def test_a_loopback_connection_is_counted(daemons: Daemons, rules_file: Path) -> None:
+def test_a_loopback_connection_is_counted(daemons: Agents, rules_file: Path) -> None:
     """+2 established/off (both ends) for a connection without keepalive.
 
     A scrape of ours in flight during a dump is counted too (and in the host namespace,
     whatever else runs there), so exactly +2 may take a few tries; one try that shows it
     proves the count.
     """
-    daemon = daemons.start(rules_file)
+    daemon = daemons.start(config=rules_file)
     deltas = []
     for _ in range(5):
-        before = established_off(daemon.wait_audit(time.time()))
+        before = established_off(daemon.wait_audit(time.time(), 10.0))
         client, server = connect(daemons.netns)
         with client, server:
-            during = established_off(daemon.wait_audit(time.time()))
+            during = established_off(daemon.wait_audit(time.time(), 10.0))
         deltas.append(during - before)
         if during - before == 2:
             break
@@ -288,7 +162,7 @@ def test_a_loopback_connection_is_counted(daemons: Daemons, rules_file: Path) ->
 # --- a finding in a network namespace ------------------------------------------------------
 
 
-def finding_lines(daemon: Daemon, local: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def finding_lines(daemon: Agent, local: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(opened, cleared) log lines of idle_no_keepalive findings on ``local``."""
     ours = [
         line
@@ -301,12 +175,12 @@ def finding_lines(daemon: Daemon, local: str) -> tuple[list[dict[str, Any]], lis
 
 
 @pytest.mark.kernel
-def test_idle_connection_finding_in_a_netns(daemons: Daemons, tmp_path: Path) -> None:
+def test_idle_connection_finding_in_a_netns(daemons: Agents, tmp_path: Path) -> None:
     ns = daemons.netns
     assert ns is not None
     config = tmp_path / "short.yaml"
     config.write_text("version: 1\ndefaults:\n  idle_timeout: 2s\n  detection_budget: 1d\n")
-    daemon = daemons.start(config)
+    daemon = daemons.start(config=config)
     client, server = connect(ns)
     ends = {
         name: "{}:{}".format(*s.getsockname())
@@ -324,7 +198,7 @@ def test_idle_connection_finding_in_a_netns(daemons: Daemons, tmp_path: Path) ->
     # Both ends of the connection are idle without keepalive: two findings.
     wait_for("2 critical idle_no_keepalive findings", lambda: critical() == 2, timeout=15)
     # They stay open for more audits and are logged once, when they opened, not every cycle.
-    daemon.wait_audit(time.time() + 1)
+    daemon.wait_audit(time.time() + 1, 10.0)
     for name, local in ends.items():
         opened, cleared = finding_lines(daemon, local)
         assert len(opened) == 1, f"{name}: {opened}"
@@ -351,8 +225,8 @@ def test_idle_connection_finding_in_a_netns(daemons: Daemons, tmp_path: Path) ->
 # --- reload on SIGHUP ----------------------------------------------------------------------
 
 
-def test_sighup_reload(daemons: Daemons, rules_file: Path) -> None:
-    daemon = daemons.start(rules_file)
+def test_sighup_reload(daemons: Agents, rules_file: Path) -> None:
+    daemon = daemons.start(config=rules_file)
     before = daemon.scrape()
     assert before.label_values("keepalive_findings", "rule") == {"default", "alpha"}
     loaded_at = before.value("keepalive_config_last_reload_success_timestamp_seconds")
@@ -398,7 +272,7 @@ def test_sighup_reload(daemons: Daemons, rules_file: Path) -> None:
         assert errors[-1]["error"].startswith(f"{rules_file}:{line}: "), errors[-1]
         assert what in errors[-1]["error"]
     # Still auditing, on the old rules.
-    later = daemon.wait_audit(time.time())
+    later = daemon.wait_audit(time.time(), 10.0)
     assert later.label_values("keepalive_findings", "rule") == {"default", "beta"}
     assert daemon.proc.poll() is None
 
@@ -414,9 +288,11 @@ def test_sighup_reload(daemons: Daemons, rules_file: Path) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_stops_cleanly(daemons: Daemons, rules_file: Path, sig: signal.Signals) -> None:
-    daemon = daemons.start(rules_file)
-    rc, seconds = daemon.stop(sig)
+def test_signal_stops_cleanly(daemons: Agents, rules_file: Path, sig: signal.Signals) -> None:
+    daemon = daemons.start(config=rules_file)
+    started = time.monotonic()
+    rc = daemon.stop(sig)
+    seconds = time.monotonic() - started
     print(f"{sig.name}: exit {rc} after {seconds:.3f} s")
     assert rc == 0
     assert seconds < 2, f"{sig.name} took {seconds:.2f} s (the aim is under 1 s)"
@@ -456,13 +332,13 @@ class NotifyListener:
         self.sock.close()
 
 
-def test_sd_notify(daemons: Daemons, rules_file: Path, tmp_path: Path) -> None:
+def test_sd_notify(daemons: Agents, rules_file: Path, tmp_path: Path) -> None:
     path = tmp_path / "notify"
     assert len(str(path)) < 100, "AF_UNIX paths are limited to 108 bytes"
     listener = NotifyListener(path)
     try:
         env = {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"}
-        daemon = daemons.start(rules_file, env=env, wait=False)
+        daemon = daemons.start(config=rules_file, env=env, wait=False)
 
         ready = wait_for("READY=1", lambda: listener.seen("READY"), STARTUP_TIMEOUT)[0]
         assert ready["READY"] == "1"
@@ -489,7 +365,7 @@ def test_sd_notify(daemons: Daemons, rules_file: Path, tmp_path: Path) -> None:
         assert again == {"READY": "1", "STATUS": "reloaded"}
 
         since = time.monotonic()
-        rc, _ = daemon.stop()
+        rc = daemon.stop()
         assert rc == 0
         time.sleep(0.2)  # the datagram was sent before exit; let the reader pick it up
         assert listener.seen("STOPPING", since) == [{"STOPPING": "1"}]
