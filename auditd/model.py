@@ -127,14 +127,14 @@ class FindingKind:
     SYSCTL = "sysctl"
     USER_TIMEOUT_TOO_SHORT = "user_timeout_too_short"
     ALL = (
-        "idle_no_keepalive",
-        "keepalive_too_slow",
-        "keepalive_probing",
-        "retransmitting",
-        "close_wait",
-        "detection_budget",
-        "sysctl",
-        "user_timeout_too_short",
+        IDLE_NO_KEEPALIVE,
+        KEEPALIVE_TOO_SLOW,
+        KEEPALIVE_PROBING,
+        RETRANSMITTING,
+        CLOSE_WAIT,
+        DETECTION_BUDGET,
+        SYSCTL,
+        USER_TIMEOUT_TOO_SHORT,
     )
 
 
