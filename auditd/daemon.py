@@ -107,7 +107,6 @@ class Daemon:
         # dumps (auditd.kernel.prescan); the next ones re-check the owners they know and go on
         # in-process from where that scan stopped, if it ran out of time.
         self.owners_cold = True
-        self.owner_scans_in_child = 0
         self._skipped: set[str] = set()  # namespaces skipped by the last audit
         self._inspection_error: str | None = None
 
@@ -190,7 +189,6 @@ class Daemon:
         finally:
             if prescan is not None:
                 prescan.close()
-                self.owner_scans_in_child += 1
         self.owners_cold = False
         self._settle(problems)
         self._count_skipped(result)

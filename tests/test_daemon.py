@@ -588,13 +588,23 @@ def test_findings_beyond_the_limit_are_counted_and_not_logged() -> None:
     assert lines[0]["findings"] == 50 + 2  # and the two detection_budget findings
 
 
-def test_owner_scan_runs_in_a_child_for_the_first_audit() -> None:
+def test_owner_scan_runs_in_a_child_for_the_first_audit(monkeypatch: pytest.MonkeyPatch) -> None:
     """The first audit (cold caches) scans /proc in a child process; the next ones re-check
     the owners they know and scan in-process."""
     import io
 
     from auditd.daemon import Daemon, DaemonOptions
     from auditd.kernel import LocalKernel
+    from auditd.kernel.prescan import FdPrescan
+
+    children: list[FdPrescan | None] = []
+    start = FdPrescan.start
+
+    def counted(*args: Any, **kwargs: Any) -> FdPrescan | None:
+        children.append(start(*args, **kwargs))
+        return children[-1]
+
+    monkeypatch.setattr(FdPrescan, "start", counted)
 
     with socket.socket() as srv, socket.socket() as client:
         srv.bind(("127.0.0.1", 0))
@@ -606,11 +616,11 @@ def test_owner_scan_runs_in_a_child_for_the_first_audit() -> None:
             daemon = Daemon(DaemonOptions(None), lambda: [("host", LocalKernel())],
                             logs.setup("info", "json", io.StringIO()))  # fmt: skip
             first = daemon.audit_once()
-            assert first is not None and daemon.owner_scans_in_child == 1
+            assert first is not None and len(children) == 1 and children[0] is not None
             local = f"127.0.0.1:{client.getsockname()[1]}"
             [ours] = [f for f in first.findings if f.local == local]
             assert (ours.kind, ours.pid) == ("keepalive_too_slow", os.getpid())
             second = daemon.audit_once()
-            assert second is not None and daemon.owner_scans_in_child == 1
+            assert second is not None and len(children) == 1
             [ours] = [f for f in second.findings if f.local == local]
             assert ours.pid == os.getpid()
