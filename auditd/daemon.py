@@ -21,7 +21,14 @@ from types import FrameType
 
 from auditd import __version__, logs
 from auditd.audit.run import DEFAULT_MAX_FINDINGS, AuditResult, audit, inspection_error
-from auditd.config import ConfigError, RuleSet, load_rules, load_rules_or_default
+from auditd.config import (
+    ConfigError,
+    RuleSet,
+    WebConfig,
+    load_rules,
+    load_rules_or_default,
+    load_web_config,
+)
 from auditd.errors import AuditdError, KernelError
 from auditd.exporter import ExporterState
 from auditd.http import MetricsServer
@@ -31,7 +38,6 @@ from auditd.kernel.limits import Problems, netns_note, observe
 from auditd.kernel.prescan import FdPrescan
 from auditd.model import Finding, Severity
 from auditd.notify import Notifier, watchdog_interval
-from auditd.webconfig import WebConfig, load_web_config
 
 Sources = Callable[[], list[tuple[str, KernelSource]]]
 

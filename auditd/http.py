@@ -3,7 +3,7 @@
 The exposition is rendered once per state change and then served as bytes, so many
 concurrent scrapers cost a dictionary lookup each, not a render.
 
-TLS and basic auth follow ``--web.config.file`` (auditd/webconfig.py). The TLS handshake
+TLS and basic auth follow ``--web.config.file`` (auditd/config/web.py, auditd/auth.py). The TLS handshake
 runs in the connection's own thread, not in the accept loop, so a client that stalls it
 holds up nobody else; every connection times out after ``CONNECTION_TIMEOUT`` seconds of
 silence. The web config is looked up per connection and per request, so a reload (SIGHUP)
@@ -24,9 +24,10 @@ from typing import Any
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from auditd import __version__
+from auditd.auth import BasicAuth
+from auditd.config import TlsSettings, WebConfig
 from auditd.errors import AuditdError
 from auditd.exporter import ExporterState, make_registry
-from auditd.webconfig import BasicAuth, TlsSettings, WebConfig
 
 CONNECTION_TIMEOUT = 10.0  # seconds a client may stay silent, handshake included
 

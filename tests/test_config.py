@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from auditd import config
 from auditd.config import (
     KNOWN_SYSCTLS,
     ConfigError,
@@ -22,6 +21,7 @@ from auditd.config import (
     parse_duration,
     parse_rules,
 )
+from auditd.config import rules as config_rules
 from auditd.model import Severity, TcpState
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "rules.yaml"
@@ -660,14 +660,14 @@ def test_load_rules_empty_file_and_bom(tmp_path: Path) -> None:
 
 def test_load_rules_or_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     missing = tmp_path / "missing.yaml"
-    monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", str(missing))
+    monkeypatch.setattr(config_rules, "DEFAULT_CONFIG_PATH", str(missing))
     assert load_rules_or_default(None) == builtin_rules()
     with pytest.raises(ConfigError, match="cannot read: No such file"):
         load_rules_or_default(str(missing))  # an explicit path must exist
 
     present = tmp_path / "rules.yaml"
     present.write_text("version: 1\nrules: [{name: a}]\n")
-    monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", str(present))
+    monkeypatch.setattr(config_rules, "DEFAULT_CONFIG_PATH", str(present))
     assert load_rules_or_default(None).source == str(present)
     assert load_rules_or_default(str(SHIPPED)).source == str(SHIPPED)
 

@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from auditd import cli, config, daemon
-from auditd.config import ConfigError, RuleSet, parse_rules
+from auditd.config import ConfigError, RuleSet, WebConfig, parse_rules, parse_web_config
 from auditd.errors import KernelError
 from auditd.kernel.sockdiag import (
     INET_DIAG_INFO,
@@ -46,7 +46,6 @@ from auditd.kernel.sockdiag import (
     decode,
 )
 from auditd.model import Sock
-from auditd.webconfig import WebConfig, parse_web_config
 
 EXAMPLES = int(os.environ.get("KEEPALIVE_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(

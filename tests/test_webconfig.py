@@ -28,9 +28,9 @@ import bcrypt
 import pytest
 from agent import Agents, agents_fixture, basic_auth, wait_for
 
-from auditd import webconfig
-from auditd.config import ConfigError
-from auditd.webconfig import BasicAuth, load_web_config
+from auditd import auth as auth_module
+from auditd.auth import BasicAuth
+from auditd.config import ConfigError, load_web_config
 
 PASSWORD = "correct horse battery staple"
 HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(10)).decode().replace("$2b$", "$2y$", 1)
@@ -236,13 +236,13 @@ def test_basic_auth_answers(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_basic_auth_caches_and_a_new_hash_misses(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[bytes] = []
-    real = webconfig._checkpw
+    real = auth_module._checkpw
 
     def counting(password: bytes, hashed: bytes) -> bool:
         calls.append(hashed)
         return real(password, hashed)
 
-    monkeypatch.setattr(webconfig, "_checkpw", counting)
+    monkeypatch.setattr(auth_module, "_checkpw", counting)
     auth = BasicAuth()
     header = basic_auth("prometheus", PASSWORD)["Authorization"]
     users = {"prometheus": HASH.encode()}
@@ -263,9 +263,9 @@ def test_basic_auth_caches_and_a_new_hash_misses(monkeypatch: pytest.MonkeyPatch
 
 def test_unknown_user_costs_a_bcrypt_too(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[bytes] = []
-    monkeypatch.setattr(webconfig, "_checkpw", lambda p, h: calls.append(h) or False)
+    monkeypatch.setattr(auth_module, "_checkpw", lambda p, h: calls.append(h) or False)
     BasicAuth().check({"prometheus": HASH.encode()}, basic_auth("eve", "x")["Authorization"])
-    assert calls == [webconfig._DECOY]
+    assert calls == [auth_module._DECOY]
 
 
 # --- a real agent -------------------------------------------------------------------------
