@@ -1,7 +1,8 @@
-"""The HTTP endpoint: ``/metrics`` from the last audit, a landing page at ``/``.
+"""The HTTP endpoint: ``/metrics`` from the last audit, the findings page at ``/`` and the
+same findings as JSON at ``/api/v1/findings`` (the document of ``audit --format json``).
 
-The exposition is rendered once per state change and then served as bytes, so many
-concurrent scrapers cost a dictionary lookup each, not a render.
+Each view is rendered once per state change and then served as bytes, so many concurrent
+scrapers or readers cost a dictionary lookup each, not a render.
 
 TLS and basic auth follow ``--web.config.file`` (auditd/config/web.py, auditd/auth.py). The TLS handshake
 runs in the connection's own thread, not in the accept loop, so a client that stalls it
@@ -24,19 +25,23 @@ from typing import Any
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from auditd import __version__
+from auditd import page as findings_page
 from auditd.auth import BasicAuth
 from auditd.config import TlsSettings, WebConfig
 from auditd.errors import AuditdError
 from auditd.exporter import ExporterState, make_registry
+from auditd.report import to_json
 
 CONNECTION_TIMEOUT = 10.0  # seconds a client may stay silent, handshake included
 
-LANDING = """<!doctype html>
-<html><head><title>keepalive-auditd</title></head>
-<body><h1>keepalive-auditd {version}</h1>
-<p>Finds TCP connections at risk of going half-open.</p>
-<p><a href="{path}">Metrics</a> (as of the last audit)</p></body></html>
-"""
+JSON_TYPE = "application/json; charset=utf-8"
+NO_AUDIT = b'{"error": "no audit has finished yet"}\n'
+# The page holds no script; the policy makes sure none could run (see auditd/page.py).
+PAGE_HEADERS = (
+    ("Content-Security-Policy", findings_page.CSP),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Cache-Control", "no-store"),
+)
 
 
 def parse_listen(address: str) -> tuple[str, int]:
@@ -141,6 +146,7 @@ class MetricsServer:
         self.auth = BasicAuth()
         self.registry = make_registry(get_state)
         self._cache: tuple[ExporterState, bytes] | None = None
+        self._views: dict[str, tuple[ExporterState, bytes | None]] = {}
         self._lock = threading.Lock()
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -157,6 +163,30 @@ class MetricsServer:
             body = generate_latest(self.registry)
             self._cache = (state, body)
             return body
+
+    def _view(self, name: str, render: Callable[[ExporterState], bytes | None]) -> bytes | None:
+        """``render(state)``, once per state: the page and the JSON, like the exposition."""
+        state = self.get_state()
+        cached = self._views.get(name)
+        if cached is not None and cached[0] is state:
+            return cached[1]
+        with self._lock:
+            cached = self._views.get(name)
+            if cached is None or cached[0] is not state:
+                cached = (state, render(state))
+                self._views[name] = cached
+            return cached[1]
+
+    def page(self) -> bytes:
+        body = self._view("page", lambda state: findings_page.render(state, self.path).encode())
+        assert body is not None
+        return body
+
+    def findings_json(self) -> bytes | None:
+        """``audit --format json`` of the last audit; None before the first one."""
+        return self._view(
+            "json", lambda state: None if state.result is None else to_json(state.result).encode()
+        )
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self
@@ -184,8 +214,13 @@ class MetricsServer:
                 if route == server.path:
                     self._send(200, CONTENT_TYPE_LATEST, server.exposition())
                 elif route == "/":
-                    page = LANDING.format(version=__version__, path=server.path)
-                    self._send(200, "text/html; charset=utf-8", page.encode())
+                    self._send(200, "text/html; charset=utf-8", server.page(), PAGE_HEADERS)
+                elif route == findings_page.API_PATH:
+                    body = server.findings_json()
+                    if body is None:
+                        self._send(503, JSON_TYPE, NO_AUDIT)
+                    else:
+                        self._send(200, JSON_TYPE, body, (("Cache-Control", "no-store"),))
                 else:
                     self._send(404, "text/plain; charset=utf-8", b"not found\n")
 
