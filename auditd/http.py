@@ -4,9 +4,9 @@ same findings as JSON at ``/api/v1/findings`` (the document of ``audit --format 
 Each view is rendered once per state change and then served as bytes, so many concurrent
 scrapers or readers cost a dictionary lookup each, not a render.
 
-TLS and basic auth follow ``--web.config.file`` (auditd/config/web.py, auditd/auth.py). The TLS handshake
-runs in the connection's own thread, not in the accept loop, so a client that stalls it
-holds up nobody else; every connection times out after ``CONNECTION_TIMEOUT`` seconds of
+TLS and basic auth follow ``--web.config.file`` (auditd/config/web.py, auditd/auth.py). The
+TLS handshake runs in the connection's own thread, not in the accept loop, so a client that
+stalls it holds up nobody else; every connection times out after ``CONNECTION_TIMEOUT`` seconds of
 silence. The web config is looked up per connection and per request, so a reload (SIGHUP)
 takes effect at the next connection.
 """
