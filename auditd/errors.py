@@ -24,3 +24,8 @@ class KernelError(AuditdError):
 
 class NamespaceGone(KernelError):
     """A network namespace disappeared or could not be entered."""
+
+
+class BpfUnavailable(KernelError):
+    """A BPF program could not be opened, loaded, attached or run (no libbpf 1.x, no
+    CAP_BPF/CAP_PERFMON, no BTF, a verifier refusal, lockdown): callers fall back."""

@@ -1,0 +1,103 @@
+"""The shipped iterators: loaded once, then run per namespace (sockets) or per audit (owners).
+
+An iter/tcp iterator walks the network namespace of the thread that calls
+``bpf_iter_create`` (net/ipv4/tcp_ipv4.c bpf_iter_init_tcp -> bpf_iter_init_seq_net takes
+current's netns), so the programs are loaded and attached once from any thread and each
+namespace's instance is created by the caller's ``enter`` function (a short-lived thread
+inside it, ``auditd.kernel.netns.call_in_netns``); the fd is read wherever. iter/task_file
+walks every process on the host whatever the namespace.
+
+Loading needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN), the kernel's BTF, and libbpf 1.x;
+a failure is kept as ``error`` and the next ``ensure`` tries again, so an agent recovers when
+the cause goes away (a capability granted, a lockdown lifted).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+
+from auditd.errors import BpfUnavailable
+from auditd.kernel.bpf.libbpf import BpfObject, Libbpf, Link, read_iter, system_libbpf
+
+OBJECT_DIR = os.path.dirname(os.path.abspath(__file__))
+SOCKETS = ("sockets.bpf.o", "keepalive_sockets")
+OWNERS = ("owners.bpf.o", "keepalive_owners")
+
+
+def _here(fn: Callable[[], int]) -> int:
+    return fn()
+
+
+class Iterators:
+    """Both iterators of one process. ``libbpf`` and ``directory`` are parameters for tests
+    (a missing library, objects the kernel refuses)."""
+
+    def __init__(
+        self,
+        directory: str = OBJECT_DIR,
+        libbpf: Callable[[], Libbpf] = system_libbpf,
+        kconfig: str | None = None,
+    ) -> None:
+        self.directory = directory
+        self._libbpf = libbpf
+        self._kconfig = kconfig
+        self._objects: list[BpfObject] = []
+        self._links: dict[str, Link] = {}
+        self._lock = threading.Lock()
+        self.error: str | None = None  # why the last load failed
+
+    def _load(self, file: str, program: str) -> Link:
+        with open(os.path.join(self.directory, file), "rb") as f:
+            data = f.read()
+        obj = BpfObject(data, file, self._libbpf(), self._kconfig)
+        try:
+            obj.load()
+            link = obj.attach(program)
+        except BpfUnavailable:
+            obj.close()
+            raise
+        self._objects.append(obj)
+        return link
+
+    def ensure(self) -> None:
+        """Loads what is not loaded yet; raises BpfUnavailable (also kept in ``error``)."""
+        with self._lock:
+            if len(self._links) == 2:
+                return
+            try:
+                for file, program in (SOCKETS, OWNERS):
+                    if program not in self._links:
+                        self._links[program] = self._load(file, program)
+            except OSError as exc:
+                self.error = f"BPF: cannot read {exc.filename}: {exc.strerror}"
+                raise BpfUnavailable(self.error, exc.errno) from exc
+            except BpfUnavailable as exc:
+                self.error = str(exc)
+                raise
+            self.error = None
+
+    @property
+    def loaded(self) -> bool:
+        return len(self._links) == 2
+
+    def _run(self, program: str, enter: Callable[[Callable[[], int]], int]) -> bytes:
+        self.ensure()
+        link = self._links[program]
+        return read_iter(enter(link.iter_fd))
+
+    def sockets(self, enter: Callable[[Callable[[], int]], int] = _here) -> bytes:
+        """One pass over the TCP sockets of the namespace ``enter`` runs its function in."""
+        return self._run(SOCKETS[1], enter)
+
+    def owners(self) -> bytes:
+        """One pass over every process's open TCP sockets."""
+        return self._run(OWNERS[1], _here)
+
+    def close(self) -> None:
+        with self._lock:
+            for obj in self._objects:
+                obj.close()
+            self._objects.clear()
+            self._links.clear()
