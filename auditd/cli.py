@@ -173,6 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--log.level", dest="log_level", default="info", choices=("debug", "info", "warn", "error")
     )
     r.add_argument("--log.format", dest="log_format", default="logfmt", choices=("logfmt", "json"))
+    r.add_argument(
+        "--log.findings-after",
+        dest="log_findings_after",
+        default="5m",
+        metavar="DURATION",
+        help="log a finding on its own line once it has lasted this long (0s: at once); "
+        "shorter-lived ones are counted in one line per audit (default 5m)",
+    )
     return p
 
 
@@ -276,6 +284,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(f"--audit.interval: {exc}") from None
     if interval < 1:
         raise UsageError("--audit.interval: must be at least 1s")
+    try:
+        findings_after = parse_duration(args.log_findings_after)
+    except ValueError as exc:
+        raise UsageError(f"--log.findings-after: {exc}") from None
     if not args.telemetry_path.startswith("/") or args.telemetry_path == "/":
         raise UsageError("--web.telemetry-path: must start with / and not be / itself")
     try:  # a malformed address is bad usage (exit 2), found before anything is logged
@@ -286,6 +298,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = DaemonOptions(
         args.config_file, interval, args.listen, args.telemetry_path, args.web_config_file,
         inspect_sockets=args.inspect_sockets, max_findings=args.max_findings,
+        log_findings_after=findings_after,
     )  # fmt: skip
     daemon = Daemon(options, args.sources, log)
     daemon.install_signals()  # first: a SIGHUP during start-up must not kill the process

@@ -31,12 +31,13 @@ from auditd.config import (
 )
 from auditd.errors import AuditdError, KernelError
 from auditd.exporter import ExporterState
+from auditd.findlog import FindingLog
 from auditd.http import MetricsServer
 from auditd.kernel import KernelSource, LocalKernel, OwnerCache
 from auditd.kernel.inspect import SocketInspector
 from auditd.kernel.limits import Problems, netns_note, observe
 from auditd.kernel.prescan import FdPrescan
-from auditd.model import Finding, Severity
+from auditd.model import Severity
 from auditd.notify import Notifier, watchdog_interval
 
 Sources = Callable[[], list[tuple[str, KernelSource]]]
@@ -55,6 +56,7 @@ class DaemonOptions:
     listen_retry: float = 5.0  # most seconds between attempts to bind a busy listen address
     inspect_sockets: bool = False  # --audit.inspect-sockets: exact keepalive options
     max_findings: int = DEFAULT_MAX_FINDINGS  # socket findings described (and logged)
+    log_findings_after: float = 300.0  # --log.findings-after: a finding's own line once it lasts
 
 
 def summary(result: AuditResult) -> str:
@@ -66,18 +68,6 @@ def summary(result: AuditResult) -> str:
         f"{result.duration_seconds:.2f}s: {sev[Severity.CRITICAL]} critical, "
         f"{sev[Severity.WARNING]} warning, {sev[Severity.INFO]} info findings"
     )
-
-
-def _finding_fields(f: Finding) -> dict[str, object]:
-    fields: dict[str, object] = {
-        "kind": f.kind, "severity": f.severity.label, "rule": f.rule, "netns": f.netns,
-    }  # fmt: skip
-    for name in ("state", "local", "remote", "pid", "process", "sysctl", "value"):
-        value = getattr(f, name)
-        if value is not None:
-            # LogRecord has its own "process" (our pid): extra={"process": ...} raises KeyError.
-            fields["process_name" if name == "process" else name] = value
-    return fields
 
 
 class Daemon:
@@ -99,7 +89,7 @@ class Daemon:
         self.reload_requested = threading.Event()
         self._lock = threading.Lock()
         self.state = ExporterState()
-        self.open: dict[tuple[str | None, ...], Finding] = {}
+        self.findlog = FindingLog(log, options.log_findings_after)
         self.truncated = False  # the last audit had findings beyond --audit.max-findings
         self.last_cycle = time.monotonic()
         self.audits = 0
@@ -269,10 +259,11 @@ class Daemon:
             self._update(errors={**self.state.errors, "log": dropped})
 
     def _log_changes(self, result: AuditResult) -> None:
-        """Log the findings described that are new or changed severity, and the ones that
-        cleared. Beyond --audit.max-findings the logs follow the findings described: when
-        some were only counted, one leaving the list may have been pushed out, not cleared,
-        so clears are not logged then, and the crossing of the limit is logged once."""
+        """Log the findings described (``FindingLog``: one line each once they last, a summary
+        line per audit for the short-lived ones). Beyond --audit.max-findings the logs follow
+        the findings described: when some were only counted, one leaving the list may have
+        been pushed out, not cleared, so clears are not logged then, and the crossing of the
+        limit is logged once."""
         truncated = result.findings_omitted > 0
         if truncated != self.truncated:
             if truncated:
@@ -289,22 +280,7 @@ class Daemon:
                     "findings": result.findings_total
                 })  # fmt: skip
             self.truncated = truncated
-        current = {f.key: f for f in result.findings}
-        for key, f in current.items():
-            before = self.open.get(key)
-            if before is None:
-                self.log.warning(
-                    f"finding: {f.message}", extra={**_finding_fields(f), "hint": f.hint}
-                )
-            elif before.severity != f.severity:  # e.g. warning -> critical as idle grows
-                self.log.warning(
-                    f"finding now {f.severity.label}: {f.message}",
-                    extra={**_finding_fields(f), "was": before.severity.label, "hint": f.hint},
-                )
-        for key, f in self.open.items():
-            if key not in current and not truncated:
-                self.log.info("finding cleared", extra=_finding_fields(f))
-        self.open = current
+        self.findlog.update(result.findings, self.clock(), clears=not truncated)
 
     def _audit_loop(self) -> None:
         while not self.stop_event.is_set():

@@ -219,6 +219,7 @@ class Agents:
             "--audit.interval", interval,
             "--config.file", str(config),
             "--log.format", "json",
+            "--log.findings-after", "0s",  # a line per finding at once; a test may say otherwise
             *args,
         ]  # fmt: skip
         if netns is not None:

@@ -486,7 +486,7 @@ def test_finding_logged_once_then_on_escalation_then_cleared() -> None:
 
     stream = io.StringIO()
     log = logs.setup("info", "json", stream)
-    daemon = Daemon(DaemonOptions(None), lambda: [], log)
+    daemon = Daemon(DaemonOptions(None, log_findings_after=0), lambda: [], log)
 
     def result(*severities: Severity) -> AuditResult:
         found = tuple(
@@ -556,7 +556,7 @@ def test_findings_beyond_the_limit_are_counted_and_not_logged() -> None:
     socks = [idle]
     stream = io.StringIO()
     daemon = Daemon(
-        DaemonOptions(None, max_findings=3),
+        DaemonOptions(None, max_findings=3, log_findings_after=0),
         lambda: [("host", FakeKernel(socks[0]))],
         logs.setup("info", "json", stream),
     )
