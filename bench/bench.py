@@ -1,6 +1,7 @@
 """Benchmark: the full audit cycle against ``ss -tinoe`` and the raw netlink dump.
 
     python3 bench/bench.py --sockets 200000 [--rounds 5] [--scrapers 20] [--daemon-cpu 65]
+    python3 bench/bench.py --namespaces 100 [--rules 1000]   # series count (bench/series.py)
 
 Opens ``--sockets`` ESTABLISHED loopback sockets (``--sockets / 2`` connections, both ends
 count, spread over 127.x addresses and several holder processes to pass the per-address
@@ -420,6 +421,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="idle_timeout of the rules used (default 1h, see above)")  # fmt: skip
     p.add_argument("--inspect-sockets", action="store_true",
                    help="audit with socket inspection, as audit --inspect-sockets")  # fmt: skip
+    p.add_argument(
+        "--namespaces",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: count the series of an agent with N empty namespaces",
+    )
+    p.add_argument(
+        "--rules",
+        type=int,
+        default=0,
+        metavar="M",
+        help="with --namespaces: M rules matching nothing (default 0)",
+    )
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)  # fmt: skip
@@ -432,6 +447,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         inspect = len(args.child) > 2 and args.child[2] == "inspect"
         out = child_floor() if kind == "floor" else child_audit(args.child[1], inspect)
         print(json.dumps(out))
+        return 0
+    if args.namespaces:
+        import series  # bench/series.py, next to this script
+
+        figures = series.measure(args.namespaces, args.rules, _free_port(), ROOT)
+        if args.json:
+            print(json.dumps(figures, indent=2))
+        else:
+            series.report(figures)
         return 0
     if args.sockets < 2 or args.rounds < 1:
         p.error("--sockets must be >= 2 and --rounds >= 1")

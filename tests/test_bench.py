@@ -38,3 +38,15 @@ def test_bench_counts_what_it_created(lab: netlab.Lab) -> None:
         assert report[key] > 0
     assert report["audit_peak_rss_mb"] > 0
     assert report["scrape"]["scrapes"] > 0 and report["scrape"]["errors"] == 0
+
+
+def test_bench_counts_the_series_of_empty_namespaces() -> None:
+    proc = netlab.run([sys.executable, BENCH, "--namespaces", "5", "--rules", "50", "--json"],
+                      check=False, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert (report["namespaces"], report["rules"]) == (5, 50)
+    assert report["series"]["bench"] == 0  # empty namespaces cost nothing
+    assert report["series"]["agent"] == 16
+    assert report["series_total"] == sum(report["series"].values())
+    assert not [n for n in netlab.run(["ip", "netns", "list"]).stdout.split() if "kbench" in n]

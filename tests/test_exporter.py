@@ -63,6 +63,7 @@ ERROR_STAGES = (
 LABEL_NAMES = {"netns", "kind", "severity", "rule", "state", "keepalive", "case", "stage"}
 LABEL_NAMES |= {"version"}  # keepalive_build_info
 LABEL_NAMES |= {"sysctl"}  # keepalive_sysctl_differs_from_host: a known sysctl name
+LABEL_NAMES |= {"part"}  # keepalive_namespace_read_incomplete
 
 RULES = RuleSet(
     rules=(
@@ -160,19 +161,31 @@ STATE = ExporterState(
 # --- findings ----------------------------------------------------------------------------
 
 
-def test_findings_every_rule_kind_severity_present_and_counted() -> None:
+def test_findings_nonzero_counts_and_the_hosts_default_zeros() -> None:
     got = values(render(STATE)["keepalive_findings"])
-    # The ignored rule "ssh" can have no findings, so it has no series.
+    # Rules cost series only where they have findings: postgres has 2, redis and ssh none.
     expected = {
-        key(netns="host", kind=kind, severity=sev, rule=rule): 0.0
+        key(netns="host", kind=kind, severity=sev, rule="default"): 0.0
         for kind in KINDS
         for sev in SEVERITIES
-        for rule in ("default", "postgres", "redis")
     }
     expected[key(netns="host", kind="idle_no_keepalive", severity="critical", rule="postgres")] = 2
     expected[key(netns="host", kind="close_wait", severity="warning", rule="default")] = 1
     expected[key(netns="host", kind="sysctl", severity="warning", rule="default")] = 1
     assert got == expected
+
+
+def test_findings_series_stay_bounded_with_thousands_of_rules() -> None:
+    many = RuleSet(
+        rules=tuple(Rule(f"r{i}", Match(remote_ports=frozenset({10000 + i}))) for i in range(5000))
+    )
+    hit = finding("idle_no_keepalive", Severity.WARNING, "r4321")
+    ns = namespace(findings=(hit,))
+    state = ExporterState(result=AuditResult(0.0, 0.1, (ns,), (hit,)), rules=many)
+    got = values(render(state)["keepalive_findings"])
+    assert len(got) == len(KINDS) * len(SEVERITIES) + 1
+    assert got[key(netns="host", kind="idle_no_keepalive", severity="warning", rule="r4321")] == 1
+    assert values(render(state)["keepalive_config_rules"]) == {key(): 5000}
 
 
 def test_findings_counted_beyond_the_ones_described() -> None:
@@ -196,11 +209,116 @@ def test_findings_of_a_rule_no_longer_configured_still_counted() -> None:
 
 
 def test_findings_series_per_namespace() -> None:
-    result = AuditResult(0.0, 0.1, (namespace("host", FINDINGS), namespace("kaud-1")), FINDINGS)
+    other = (finding("sysctl", Severity.WARNING, "default"),)
+    namespaces = (namespace("host", FINDINGS), namespace("kaud-1"), namespace("kaud-2", other))
+    result = AuditResult(0.0, 0.1, namespaces, FINDINGS + other)
     got = values(render(ExporterState(result=result, rules=RULES))["keepalive_findings"])
-    per_ns = {ns: sum(1 for k in got if dict(k)["netns"] == ns) for ns in ("host", "kaud-1")}
-    assert per_ns == {"host": len(KINDS) * 3 * 3, "kaud-1": len(KINDS) * 3 * 3}
-    assert sum(v for k, v in got.items() if dict(k)["netns"] == "kaud-1") == 0
+    per_ns = {
+        n: {k: v for k, v in got.items() if dict(k)["netns"] == n} for n in ("kaud-1", "kaud-2")
+    }
+    assert sum(1 for k in got if dict(k)["netns"] == "host") == len(KINDS) * 3 + 1
+    assert per_ns == {
+        "kaud-1": {},  # nothing wrong: no series at all
+        "kaud-2": {key(netns="kaud-2", kind="sysctl", severity="warning", rule="default"): 1},
+    }
+
+
+# --- other namespaces: only what is wrong or different ---------------------------------------
+
+PER_NAMESPACE = (
+    "keepalive_sysctl_tcp_keepalive_time_seconds",
+    "keepalive_sysctl_tcp_keepalive_intvl_seconds",
+    "keepalive_sysctl_tcp_keepalive_probes",
+    "keepalive_sysctl_tcp_retries2",
+    "keepalive_sysctl_nf_conntrack_tcp_timeout_established_seconds",
+    "keepalive_dead_peer_detection_seconds",
+    "keepalive_tcp_connections",
+    "keepalive_kernel_keepalive_probes",
+    "keepalive_kernel_abort_on_timeout",
+    "keepalive_connection_idle_seconds",
+    "keepalive_sysctl_differs_from_host",
+    "keepalive_namespace_read_incomplete",
+    "keepalive_findings",
+)
+
+
+def quiet(netns: str, **changes: Any) -> NamespaceReport:
+    """A namespace with nothing in it and the host's sysctls, as a fresh empty netns is."""
+    base = NamespaceReport(
+        netns=netns, inode=4026532000, sysctls=SYSCTLS,
+        counters=Counters(keepalive_probes=0, abort_on_timeout=0),
+        detection_idle_seconds=7875.0, detection_in_flight_seconds=924.6,
+        connections={}, sockets=0,
+    )  # fmt: skip
+    return replace(base, **changes)
+
+
+def samples_of(state: ExporterState, netns: str) -> dict[str, dict[Labels, float]]:
+    """Per family (sample names, so _bucket and _total included), the samples of ``netns``."""
+    out: dict[str, dict[Labels, float]] = {}
+    for family in render(state).values():
+        for s in family.samples:
+            if s.labels.get("netns") == netns:
+                out.setdefault(s.name, {})[frozenset(s.labels.items())] = s.value
+    return out
+
+
+def test_a_namespace_with_nothing_wrong_or_different_costs_no_series() -> None:
+    result = AuditResult(0.0, 0.1, (namespace(), *(quiet(f"ns{i}") for i in range(100))), ())
+    state = ExporterState(result=result, rules=RULES)
+    assert samples_of(state, "ns7") == {}
+    total = sum(len(f.samples) for f in render(state).values())
+    alone = replace(state, result=replace(result, namespaces=result.namespaces[:1]))
+    assert total == sum(len(f.samples) for f in render(alone).values())
+    assert set(PER_NAMESPACE) <= set(render(state))  # the host has them all
+
+
+def test_a_namespace_costs_series_for_what_differs_from_the_host() -> None:
+    tuned = Sysctls({**SYSCTLS.values, "net.ipv4.tcp_keepalive_time": 300})
+    ns = quiet(
+        "pod:a", sysctls=tuned, detection_idle_seconds=975.0,
+        differs_from_host=("net.ipv4.tcp_keepalive_time",),
+        connections={("established", "off"): 2, ("established", "on"): 0},
+        counters=Counters(keepalive_probes=0, abort_on_timeout=4),
+    )  # fmt: skip
+    state = ExporterState(result=AuditResult(0.0, 0.1, (namespace(), ns), ()))
+    pod = key(netns="pod:a")
+    assert samples_of(state, "pod:a") == {
+        "keepalive_sysctl_tcp_keepalive_time_seconds": {pod: 300},
+        "keepalive_dead_peer_detection_seconds": {key(netns="pod:a", case="idle"): 975.0},
+        "keepalive_tcp_connections": {key(netns="pod:a", state="established", keepalive="off"): 2},
+        "keepalive_kernel_abort_on_timeout_total": {pod: 4},
+        "keepalive_sysctl_differs_from_host": {
+            key(netns="pod:a", sysctl="net.ipv4.tcp_keepalive_time"): 1
+        },
+    }
+
+
+def test_a_namespace_costs_series_for_what_could_not_be_read() -> None:
+    partial = quiet(
+        "pod:b", sysctls=Sysctls({"net.ipv4.tcp_keepalive_time": 7200}), counters=Counters(),
+        dump_interrupted=True, attribution_complete=False,
+    )  # fmt: skip
+    state = ExporterState(result=AuditResult(0.0, 0.1, (namespace(), partial), ()))
+    got = samples_of(state, "pod:b")
+    assert got == {
+        "keepalive_namespace_read_incomplete": {
+            key(netns="pod:b", part=part): 1
+            for part in ("attribution", "counters", "dump", "sysctls")
+        }
+    }
+    host = values(render(state)["keepalive_namespace_read_incomplete"])
+    assert {k: v for k, v in host.items() if dict(k)["netns"] == "host"} == {
+        key(netns="host", part=p): 0 for p in ("attribution", "counters", "dump", "sysctls")
+    }
+
+
+def test_without_a_host_every_namespace_shows_its_sysctls() -> None:
+    # The host's read failed: nothing to compare with, so "absent = as on the host" cannot hold.
+    state = ExporterState(result=AuditResult(0.0, 0.1, (quiet("pod:a"), quiet("pod:b")), ()))
+    got = values(render(state)["keepalive_sysctl_tcp_retries2"])
+    assert got == {key(netns="pod:a"): 15, key(netns="pod:b"): 15}
+    assert not values(render(state)["keepalive_connection_idle_seconds"], "_count")
 
 
 # --- per-namespace families ----------------------------------------------------------------
@@ -412,7 +530,7 @@ def test_audit_of_a_fake_kernel() -> None:
         key(netns="host", kind="idle_no_keepalive", severity="critical", rule="postgres"): 1,
         key(netns="host", kind="idle_no_keepalive", severity="warning", rule="redis"): 1,
     }
-    assert len(found) == len(KINDS) * len(SEVERITIES) * 3
+    assert len(found) == len(KINDS) * len(SEVERITIES) + 2  # default's zeros, postgres, redis
 
     conns = values(families["keepalive_tcp_connections"])
     assert conns[key(netns="host", state="established", keepalive="off")] == 5

@@ -8,7 +8,7 @@ Counters are named with ``_total`` and histograms by their base name, as users q
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from prometheus_client import generate_latest
@@ -56,7 +56,8 @@ def table_rows(markdown: str, heading: str = HEADING) -> dict[str, Row]:
 
 
 def full_state() -> ExporterState:
-    """One namespace with every sysctl and counter, one finding: every family has samples."""
+    """The host with every sysctl and counter, one finding, and a namespace that differs:
+    every family has samples."""
     buckets = [0] * (len(IDLE_BUCKETS) + 1)
     buckets[1] = 1
     found = Finding(
@@ -85,7 +86,9 @@ def full_state() -> ExporterState:
         finding_counts=count_findings([found]),
     )
     rules = RuleSet(rules=(Rule("postgres", Match(remote_ports=frozenset({5432}))),))
-    result = AuditResult(1_700_000_000.0, 0.1, (ns,), (found,))
+    # Another namespace that differs from the host: differs_from_host has only its 1s.
+    pod = replace(ns, netns="pod:a", differs_from_host=("net.ipv4.tcp_keepalive_time",))
+    result = AuditResult(1_700_000_000.0, 0.1, (ns, pod), (found,))
     return ExporterState(result, rules, {}, 1_700_000_000.0, True, 1_699_999_000.0)
 
 

@@ -259,6 +259,19 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
         assert any(not c.get("exp_alerts") for c in mine), f"{name}: no case where it is quiet"
 
 
+def test_findings_series_of_the_unit_tests_appear_only_on_demand() -> None:
+    # The agent never exports a finding series at 0 outside the host's rule default, so the
+    # unit tests must not lean on one: absent (`_`) or stale instead.
+    series = [
+        s for t in yaml.safe_load(ALERTS_TEST.read_text())["tests"] for s in t["input_series"]
+    ]
+    findings = [s for s in series if s["series"].startswith("keepalive_findings{")]
+    assert len(findings) > 10
+    zeros = [s for s in findings if re.search(r"(^|\s)0(x\d+)?(\s|$)", s["values"])]
+    assert zeros == []
+    assert sum("stale" in s["values"] for s in findings) >= 5
+
+
 def test_end_to_end_alert_fires_in_time() -> None:
     rule = _alerts()[E2E_ALERT]
     assert 'kind="idle_no_keepalive"' in rule["expr"] and 'severity="critical"' in rule["expr"]
