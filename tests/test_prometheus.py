@@ -236,6 +236,42 @@ def test_example_prometheus_config_is_valid() -> None:
     assert (EXAMPLE_CONFIG.parent / config["rule_files"][0]).resolve() == ALERTS
 
 
+FEDERATE = PROM_DIR / "federate.yml"
+REMOTE_WRITE = PROM_DIR / "remote-write.yml"
+
+
+def fleet_metrics() -> tuple[set[str], set[str]]:
+    """The metric names (or patterns) federate.yml and remote-write.yml pass on."""
+    fed = yaml.safe_load(FEDERATE.read_text())["scrape_configs"][0]["params"]["match[]"]
+    names = re.fullmatch(r'\{job="keepalive-auditd",__name__=~"([^"]+)"\}', fed[0])
+    assert names is not None, fed[0]
+    relabel = yaml.safe_load(REMOTE_WRITE.read_text())["remote_write"][0]["write_relabel_configs"]
+    kept = re.fullmatch(r"keepalive-auditd;\((.+)\)", relabel[0]["regex"])
+    assert kept is not None, relabel[0]["regex"]
+    return set(names.group(1).split("|")) | {"up"}, set(kept.group(1).split("|"))
+
+
+@needs_promtool
+@pytest.mark.parametrize("path", [FEDERATE, REMOTE_WRITE], ids=lambda p: p.name)
+def test_fleet_configs_are_valid(path: Path) -> None:
+    proc = promtool("check", "config", str(path))
+    assert proc.returncode == 0, _output(proc)
+
+
+def test_federation_and_remote_write_pass_on_the_same_metrics_all_real() -> None:
+    federated, written = fleet_metrics()
+    assert federated == written
+    from test_metrics_doc import exposed
+
+    real = set(exposed()) | {"up"}
+    patterns = [re.compile(name) for name in federated]
+    assert all(any(p.fullmatch(name) for name in real) for p in patterns), federated
+    # The bounded families go; the detail stays on the site servers.
+    assert "keepalive_findings" in federated
+    assert not any(p.fullmatch("keepalive_connection_idle_seconds") for p in patterns)
+    assert not any(p.fullmatch("keepalive_tcp_connections") for p in patterns)
+
+
 def _alerts() -> dict[str, dict[str, Any]]:
     groups = yaml.safe_load(ALERTS.read_text())["groups"]
     assert [g["name"] for g in groups] == [JOB]
