@@ -18,6 +18,7 @@ from auditd.audit.run import (
     HOST_NETNS,
     AuditResult,
     audit,
+    bpf_note,
     inspection_error,
 )
 from auditd.config import (
@@ -30,6 +31,7 @@ from auditd.config import (
 )
 from auditd.errors import AuditdError, NamespaceGone
 from auditd.kernel import KernelSource, LocalKernel, NamespaceKernel
+from auditd.kernel.bpf.exact import BpfAudit, ExactInspector, process_iterators
 from auditd.kernel.inspect import SocketInspector
 from auditd.kernel.limits import Problems, netns_note, observe
 from auditd.kernel.netns import enumerate_namespaces
@@ -222,16 +224,23 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     rules = _load(args.config)
     problems = Problems()
-    inspector = SocketInspector() if args.inspect_sockets else None
-    # The /proc/*/fd scan for owners runs in a child while this process dumps (one for every
-    # namespace: socket inodes are global; auditd.launch may have started it already).
-    # Without it, the audit scans within its own budget.
-    prescan = args.prescan if args.prescan is not None else FdPrescan.start()
+    # Owners (and, in exact mode, every socket's options) from the BPF iterators when they
+    # load; else the /proc/*/fd scan, which runs in a child while this process dumps (one
+    # for every namespace: socket inodes are global; auditd.launch may have started it).
+    bpf = BpfAudit(process_iterators())
+    inspector = ExactInspector(bpf, SocketInspector()) if args.inspect_sockets else None
+    prescan = args.prescan
+    if bpf.loaded and prescan is not None:
+        prescan.close()
+        prescan = None
+    elif not bpf.loaded and prescan is None:
+        prescan = FdPrescan.start()
     try:
         namespaces = args.sources()
         for _, source in namespaces:
             if isinstance(source, LocalKernel):  # or NamespaceKernel
                 source.share(prescan)
+                source.share_bpf(bpf if bpf.loaded else None)
         sources = observe(namespaces, problems)
         result = audit(rules, sources, inspector=inspector, max_findings=args.max_findings)
     finally:
@@ -242,6 +251,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     notes = [*problems.by_stage.values(), netns_note(result.skipped_namespaces)]
     notes.append(inspection_error(result.namespaces))  # once, not per namespace
+    if args.inspect_sockets:
+        notes.append(bpf_note(result.namespaces))
     for message in notes:  # what the audit could only partly read, once each
         if message is not None:
             _say(f"{PROG}: note: {message}")

@@ -34,6 +34,8 @@ from auditd.exporter import ExporterState
 from auditd.findlog import FindingLog
 from auditd.http import MetricsServer
 from auditd.kernel import KernelSource, LocalKernel, OwnerCache
+from auditd.kernel.bpf.exact import BpfAudit, ExactInspector
+from auditd.kernel.bpf.iterators import Iterators
 from auditd.kernel.inspect import SocketInspector
 from auditd.kernel.limits import Problems, netns_note, observe
 from auditd.kernel.prescan import FdPrescan
@@ -105,6 +107,8 @@ class Daemon:
         self.owners_cold = True
         self._skipped: set[str] = set()  # namespaces skipped by the last audit
         self._inspection_error: str | None = None
+        self.iterators = Iterators()  # loaded on the first audit, kept; retried until they load
+        self._bpf_note: str | None = None
 
     # -- state -------------------------------------------------------------------------
     def get_state(self) -> ExporterState:
@@ -162,13 +166,17 @@ class Daemon:
     def audit_once(self) -> AuditResult | None:
         rules = self.state.rules
         started = self.clock()
-        prescan = FdPrescan.start() if self.owners_cold else None
+        bpf = BpfAudit(self.iterators)
+        self._note_bpf(bpf.note)
+        prescan = FdPrescan.start() if self.owners_cold and not bpf.loaded else None
         try:
             problems = Problems()
-            inspector = SocketInspector() if self.options.inspect_sockets else None
+            inspector = (
+                ExactInspector(bpf, SocketInspector()) if self.options.inspect_sockets else None
+            )
             result = audit(
                 rules,
-                observe(self._sources(prescan), problems),
+                observe(self._sources(prescan, bpf), problems),
                 clock=self.clock,
                 inspector=inspector,
                 max_findings=self.options.max_findings,
@@ -198,6 +206,18 @@ class Daemon:
             self._fail("internal", f"{type(exc).__name__}: {exc}")
         return result
 
+    def _note_bpf(self, note: str | None) -> None:
+        """The BPF iterators unusable (no CAP_BPF/CAP_PERFMON, no BTF, verifier, lockdown):
+        logged once when that starts, once when they load again."""
+        if note is not None and note != self._bpf_note:
+            self.log.warning(
+                "BPF iterators unavailable, owners from /proc and options by pidfd_getfd",
+                extra={"error": note},
+            )
+        elif note is None and self._bpf_note is not None:
+            self.log.info("BPF iterators working again")
+        self._bpf_note = note
+
     def _note_inspection(self, error: str | None) -> None:
         """Socket inspection off (no CAP_SYS_PTRACE, old kernel): logged when that starts."""
         if error is not None and error != self._inspection_error:
@@ -220,7 +240,9 @@ class Daemon:
                 })  # fmt: skip
         self._skipped = set(skipped)
 
-    def _sources(self, prescan: FdPrescan | None = None) -> list[tuple[str, KernelSource]]:
+    def _sources(
+        self, prescan: FdPrescan | None = None, bpf: BpfAudit | None = None
+    ) -> list[tuple[str, KernelSource]]:
         """This cycle's namespaces, each with the owner cache its namespace had last cycle:
         attribution re-checks known owners and resumes an unfinished /proc scan (or asks
         ``prescan``, the scan started in a child for this cycle)."""
@@ -232,6 +254,8 @@ class Daemon:
                 source.owner_cache = cache if cache is not None else OwnerCache()
                 source.share(prescan)
                 caches[name] = source.owner_cache
+            if isinstance(source, LocalKernel) and bpf is not None and bpf.loaded:
+                source.share_bpf(bpf)  # every socket's owner from one pass of the iterator
         self.owner_caches = caches  # namespaces gone since take their caches with them
         return sources
 

@@ -295,6 +295,7 @@ class SocketOptions(NamedTuple):
     intvl: int  # TCP_KEEPINTVL, seconds
     cnt: int  # TCP_KEEPCNT
     user_timeout_ms: int = 0  # TCP_USER_TIMEOUT
+    source: str = "pidfd"  # how they were read: "pidfd" (getsockopt) or "bpf" (the iterator)
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,6 +380,13 @@ class Finding:
     value: float | None = None  # the sysctl's value, or the detection time in seconds
     expected: str | None = None
     case: str | None = None  # detection_budget: "idle" or "in_flight"
+    # Socket findings: the keepalive settings the verdict used, and where they came from:
+    # "bpf" or "pidfd" (read exactly, see SocketOptions), "inferred" (sysctls and timer).
+    keepalive_idle_seconds: float | None = None
+    keepalive_interval_seconds: float | None = None
+    keepalive_count: int | None = None
+    user_timeout_ms: int | None = None
+    options_source: str | None = None
 
     @property
     def key(self) -> tuple[str | None, ...]:

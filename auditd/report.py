@@ -52,6 +52,11 @@ def finding_dict(f: Finding) -> dict[str, Any]:
         "value": f.value,
         "expected": f.expected,
         "case": f.case,
+        "keepalive_idle_seconds": f.keepalive_idle_seconds,
+        "keepalive_interval_seconds": f.keepalive_interval_seconds,
+        "keepalive_count": f.keepalive_count,
+        "user_timeout_ms": f.user_timeout_ms,
+        "options_source": f.options_source,
         "message": f.message,
         "hint": f.hint,
     }
@@ -107,6 +112,8 @@ def namespace_dict(ns: NamespaceReport) -> dict[str, Any]:
             "wanted": ns.inspection.wanted,
             "read": ns.inspection.read,
             "error": ns.inspection.error,
+            "method": ns.inspection.method,
+            "note": ns.inspection.note,
         },
     }
 
@@ -164,6 +171,16 @@ def _owner(f: Finding) -> str:
     return f"{text}: {f.cmdline}" if f.cmdline else text
 
 
+def _settings(f: Finding) -> str:
+    """`` (keepalive 7200/75/9, user timeout 0 ms, inferred)``: the settings the verdict used."""
+    if f.options_source is None or f.keepalive_idle_seconds is None:
+        return ""
+    return (
+        f" (keepalive {f.keepalive_idle_seconds:g}/{f.keepalive_interval_seconds:g}/"
+        f"{f.keepalive_count}, user timeout {f.user_timeout_ms} ms, {f.options_source})"
+    )
+
+
 def to_table(result: AuditResult) -> str:
     lines: list[str] = []
     for ns in result.namespaces:
@@ -180,10 +197,13 @@ def to_table(result: AuditResult) -> str:
         seen = ns.inspection
         if seen is not None:
             lines.append(
-                f"  socket inspection: {seen.error}"
+                f"  socket inspection ({seen.method}): {seen.error}"
                 if seen.error
-                else f"  socket inspection: options read from {seen.read} of {seen.wanted} sockets"
+                else f"  socket inspection ({seen.method}): options read from {seen.read} of "
+                f"{seen.wanted} sockets"
             )
+            if seen.note:
+                lines.append(f"  socket inspection: not by BPF: {seen.note}")
     for name, reason in result.skipped_namespaces:
         lines.append(f"netns {name}: skipped: {reason}")
     if not result.findings:
@@ -195,7 +215,7 @@ def to_table(result: AuditResult) -> str:
     for i, (row, f) in enumerate(zip(rows, [None, *result.findings])):
         lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
         if f is not None:
-            lines.append(f"    why: {f.message}")
+            lines.append(f"    why: {f.message}{_settings(f)}")
             lines.append(f"    fix: {f.hint}")
             if f.pid is not None:
                 lines.append(f"    who: {_owner(f)}")

@@ -92,7 +92,7 @@ def test_library_older_than_1_0(tmp_path: Path) -> None:
 
 
 def test_iterators_keep_the_error_and_recover(tmp_path: Path) -> None:
-    iters = Iterators(directory=str(tmp_path))
+    iters = Iterators(directory=str(tmp_path), retry_seconds=0)
     with pytest.raises(BpfUnavailable, match=r"cannot read .*sockets\.bpf\.o"):
         iters.ensure()
     assert iters.error is not None and not iters.loaded

@@ -47,7 +47,7 @@ def test_recorded_sockets_decode_to_getsockopt(zoo: dict[str, Any]) -> None:
         assert rec is not None, name
         assert rec.family == fact["family"]
         assert (rec.state == TcpState.LISTEN) == fact["listening"]
-        assert table.options(fact["inode"]) == SocketOptions(*fact["options"]), name
+        assert table.options(fact["inode"]) == SocketOptions(*fact["options"][:5], "bpf"), name
 
 
 def test_raw_fields_are_zero_for_the_sysctl(zoo: dict[str, Any]) -> None:
@@ -82,8 +82,8 @@ def test_jiffies_divide_by_the_records_hz() -> None:
     s = sysctls(tcp_keepalive_time=7200, tcp_keepalive_intvl=75, tcp_keepalive_probes=9)
     data = _sock(5, hz=1000, time=30_000, intvl=2_500, keepopen=1) + _sock(6, hz=100)
     table = SocketTable(data, s)
-    assert table.options(5) == SocketOptions(True, 30, 2, 9, 0)  # getsockopt truncates too
-    assert table.options(6) == SocketOptions(False, 7200, 75, 9, 0)
+    assert table.options(5) == SocketOptions(True, 30, 2, 9, 0, "bpf")  # getsockopt truncates too
+    assert table.options(6) == SocketOptions(False, 7200, 75, 9, 0, "bpf")
 
 
 def test_inode_zero_is_not_indexed() -> None:

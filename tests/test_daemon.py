@@ -591,6 +591,7 @@ def test_owner_scan_runs_in_a_child_for_the_first_audit(monkeypatch: pytest.Monk
 
     from auditd.daemon import Daemon, DaemonOptions
     from auditd.kernel import LocalKernel
+    from auditd.kernel.bpf.iterators import Iterators
     from auditd.kernel.prescan import FdPrescan
 
     children: list[FdPrescan | None] = []
@@ -611,6 +612,8 @@ def test_owner_scan_runs_in_a_child_for_the_first_audit(monkeypatch: pytest.Monk
         with server_end:
             daemon = Daemon(DaemonOptions(None), lambda: [("host", LocalKernel())],
                             logs.setup("info", "json", io.StringIO()))  # fmt: skip
+            # Without BPF: with the owner iterator loaded no child is started at all.
+            daemon.iterators = Iterators(directory="/nonexistent")
             first = daemon.audit_once()
             assert first is not None and len(children) == 1 and children[0] is not None
             local = f"127.0.0.1:{client.getsockname()[1]}"

@@ -37,6 +37,8 @@ FINDING_KEYS = {
     "kind", "severity", "rule", "netns", "state", "local", "remote", "idle_seconds",
     "keepalive", "probes", "retransmits", "abort_in_seconds", "pid", "process", "message",
     "hint", "sysctl", "value", "expected", "inode", "case", "cmdline", "unit", "container",
+    "keepalive_idle_seconds", "keepalive_interval_seconds", "keepalive_count", "user_timeout_ms",
+    "options_source",
 }  # fmt: skip
 
 GENERATED_AT = 1_700_000_000.25  # 2023-11-14T22:13:20.250Z

@@ -202,7 +202,13 @@ def test_keepalive_is_known_with_data_in_flight(lab: netlab.Lab, tmp_path: Path)
     assert ns_inferred["sockets"]["by_keepalive"] == {"on": 0, "off": 0, "unknown": 1}
     assert ns_inferred["inspection"] is None
     assert ns_exact["sockets"]["by_keepalive"] == {"on": 1, "off": 0, "unknown": 0}
-    assert ns_exact["inspection"] == {"wanted": 1, "read": 1, "error": None}
+    assert ns_exact["inspection"] == {
+        "wanted": 1,
+        "read": 1,
+        "error": None,
+        "method": "bpf",
+        "note": None,
+    }
     # The socket's own TCP_KEEPIDLE, read while data is in flight: too slow for 350 s.
     (slow,) = exact.findings("keepalive_too_slow", local=f"{client.getsockname()[0]}:"
                              f"{client.getsockname()[1]}")  # fmt: skip

@@ -416,7 +416,7 @@ def socket_findings(
     """Findings for one socket under the first matching rule (or the defaults), rendered
     (``judge`` decides, see there)."""
     rule, verdicts = judge(rules, sock, process, sysctls, options)
-    return [render(v, rule, sock, process, netns, options) for v in verdicts]
+    return [render(v, rule, sock, process, netns, options, sysctls) for v in verdicts]
 
 
 def render(
@@ -426,10 +426,13 @@ def render(
     process: ProcessInfo | None,
     netns: str,
     options: SocketOptions | None = None,
+    sysctls: Sysctls | None = None,
 ) -> Finding:
-    """The finding of one verdict of ``judge``, with its text and the socket's figures."""
+    """The finding of one verdict of ``judge``, with its text and the socket's figures, and
+    the keepalive settings the verdict used (read, or inferred from ``sysctls``)."""
     message, hint, left = verdict.render()
     timer = sock.timer
+    params = None if sysctls is None else keepalive_params(sock, sysctls, options)
     return Finding(
         kind=verdict.kind,
         severity=verdict.severity,
@@ -451,6 +454,11 @@ def render(
         unit=process.unit if process is not None else None,
         container=process.container if process is not None else None,
         inode=sock.inode or None,
+        keepalive_idle_seconds=None if params is None else params.idle,
+        keepalive_interval_seconds=None if params is None else params.intvl,
+        keepalive_count=None if params is None else params.cnt,
+        user_timeout_ms=None if params is None else round(params.user_timeout * 1000),
+        options_source="inferred" if options is None else options.source,
     )
 
 

@@ -14,6 +14,7 @@ import heapq
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 from auditd.audit.evaluate import (
     DEFAULT_RULE,
@@ -64,6 +65,8 @@ class Inspection:
     wanted: int
     read: int
     error: str | None = None
+    method: str = "pidfd"  # "bpf" (the socket iterator) or "pidfd" (pidfd_getfd + getsockopt)
+    note: str | None = None  # why not "bpf": the iterator could not load or run
 
 
 def inspection_error(namespaces: Iterable[NamespaceReport]) -> str | None:
@@ -71,6 +74,14 @@ def inspection_error(namespaces: Iterable[NamespaceReport]) -> str | None:
     for ns in namespaces:
         if ns.inspection is not None and ns.inspection.error:
             return ns.inspection.error
+    return None
+
+
+def bpf_note(namespaces: Iterable[NamespaceReport]) -> str | None:
+    """Why exact mode read some namespace's options by pidfd_getfd, not BPF, or None."""
+    for ns in namespaces:
+        if ns.inspection is not None and ns.inspection.note:
+            return f"exact options by pidfd_getfd, not BPF: {ns.inspection.note}"
     return None
 
 
@@ -320,6 +331,13 @@ class _Inspected:
     extra: list[Sock] = field(default_factory=list)  # not kept by the pre-filter, now flagged
 
 
+def _for_namespace(inspector: Inspector, source: KernelSource, sysctls: Sysctls) -> Inspector:
+    """The inspector for one namespace (the BPF iterator reads one at a time); one without
+    ``for_namespace`` (pidfd_getfd) serves every namespace as it is."""
+    bind = getattr(inspector, "for_namespace", None)
+    return inspector if bind is None else cast(Inspector, bind(source, sysctls))
+
+
 def _inspect(
     inspector: Inspector,
     candidates: list[Sock],
@@ -332,11 +350,14 @@ def _inspect(
     exact options flag beyond the pre-filter."""
     socks = {s.inode: s for s in candidates}
     socks.update((s.inode, s) for s in kept if _may_need_options(s))
-    targets = [
-        (inode, scan.found[inode].pid, scan.fds[inode])
-        for inode in socks
-        if inode in scan.fds and inode in scan.found
-    ]
+    if not getattr(inspector, "needs_owners", True):  # the BPF iterator read them all
+        targets = [(inode, 0, -1) for inode in socks]
+    else:
+        targets = [
+            (inode, scan.found[inode].pid, scan.fds[inode])
+            for inode in socks
+            if inode in scan.fds and inode in scan.found
+        ]
     result = inspector.inspect(targets)
     done = _Inspected(result.options, len(socks), result.error)
     kept_inodes = {s.inode for s in kept}
@@ -368,6 +389,8 @@ def audit_namespace(
     """
     sysctls = source.sysctls()
     counters = source.counters()
+    if inspector is not None:
+        inspector = _for_namespace(inspector, source, sysctls)
     stats = DumpStats()
     limits = loosest(rules, middlebox_cap(sysctls))
     # Rules with a detection budget of their own are checked for the namespace only if they
@@ -445,7 +468,11 @@ def audit_namespace(
         attribution_found=len(owners),
         attribution_complete=scan.complete,
         inspection=None if inspector is None else Inspection(
-            inspected.wanted, len(options), inspected.error
+            inspected.wanted,
+            len(options),
+            inspected.error,
+            getattr(inspector, "method", "pidfd"),
+            getattr(inspector, "note", None),
         ),
         differs_from_host=differs,
         finding_counts=finding_counts,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Collection, Iterator
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from auditd.kernel import netns, procfs, procs, sockdiag
 from auditd.kernel.netns import NamespaceRef
@@ -17,6 +17,9 @@ from auditd.kernel.prescan import FdPrescan
 from auditd.kernel.procs import OwnerCache, OwnerScan
 from auditd.kernel.sockdiag import DumpStats
 from auditd.model import Counters, Sock, Sysctls
+
+if TYPE_CHECKING:
+    from auditd.kernel.bpf.exact import BpfAudit
 
 T = TypeVar("T")
 
@@ -63,11 +66,20 @@ class LocalKernel:
         self.netlink = netlink
         self.owner_cache = owner_cache  # kept across audits by the daemon
         self.prescan = prescan  # the fd scan started with the audit, if any
+        self.bpf: BpfAudit | None = None  # the owner iterator of the audit, if it loaded
 
     def share(self, prescan: FdPrescan | None) -> None:
         """Ask ``prescan`` for owners, if it scans the /proc this source reads."""
         if prescan is not None and prescan.proc_root == self.proc_root:
             self.prescan = prescan
+
+    def share_bpf(self, bpf: BpfAudit | None) -> None:
+        """Ask the audit's owner iterator for owners; the /proc scan stays the fallback."""
+        self.bpf = bpf
+
+    def inside(self, fn: Callable[[], T]) -> T:
+        """``fn()`` in this source's namespace (here: the calling thread's)."""
+        return fn()
 
     def netns_inode(self) -> int | None:
         try:
@@ -85,6 +97,10 @@ class LocalKernel:
         return sockdiag.dump(stats, factory=self.netlink)
 
     def owners(self, inodes: Collection[int], deadline: float | None = None) -> OwnerScan:
+        if self.bpf is not None:
+            scan = self.bpf.owners(inodes, self.proc_root)
+            if scan is not None:
+                return scan
         return procs.find_owners(
             inodes, self.proc_root, deadline, cache=self.owner_cache, prescan=self.prescan
         )
@@ -114,6 +130,9 @@ class NamespaceKernel(LocalKernel):
 
     def _inside(self, fn: Callable[[], T]) -> T:
         return netns.call_in_netns(self.ref.path, fn, (self.ref.dev, self.ref.ino))
+
+    def inside(self, fn: Callable[[], T]) -> T:
+        return self._inside(fn)
 
     def netns_inode(self) -> int | None:
         return self.ref.ino

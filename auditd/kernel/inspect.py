@@ -63,7 +63,13 @@ class InspectScan:
 
 
 class Inspector(Protocol):
-    """Reads the keepalive options of sockets given their owner's pid and fd."""
+    """Reads the keepalive options of sockets given their owner's pid and fd.
+
+    Optional members, read by the audit with defaults when absent: ``for_namespace(source,
+    sysctls)`` gives the inspector for one namespace's sockets (the BPF iterator reads one
+    namespace at a time); ``method`` ("pidfd" or "bpf"); ``needs_owners`` (False: targets
+    need no pid and fd); ``note`` (why a better method was not used).
+    """
 
     def inspect(self, targets: Sequence[Target]) -> InspectScan: ...
 
@@ -121,6 +127,10 @@ class SocketInspector:
     ``pidfd_open`` and ``getfd`` are parameters so tests can make them fail. Once inspection
     is found impossible (``unavailable``), every later call returns that message at once.
     """
+
+    method = "pidfd"
+    needs_owners = True
+    note: str | None = None
 
     def __init__(
         self,

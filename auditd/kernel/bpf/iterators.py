@@ -8,14 +8,15 @@ inside it, ``auditd.kernel.netns.call_in_netns``); the fd is read wherever. iter
 walks every process on the host whatever the namespace.
 
 Loading needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN), the kernel's BTF, and libbpf 1.x;
-a failure is kept as ``error`` and the next ``ensure`` tries again, so an agent recovers when
-the cause goes away (a capability granted, a lockdown lifted).
+a failure is kept as ``error`` and ``ensure`` tries again after ``retry_seconds``, so an agent
+recovers when the cause goes away (a capability granted, a lockdown lifted).
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 
 from auditd.errors import BpfUnavailable
@@ -24,6 +25,9 @@ from auditd.kernel.bpf.libbpf import BpfObject, Libbpf, Link, read_iter, system_
 OBJECT_DIR = os.path.dirname(os.path.abspath(__file__))
 SOCKETS = ("sockets.bpf.o", "keepalive_sockets")
 OWNERS = ("owners.bpf.o", "keepalive_owners")
+# After a failure, loading is tried again at most this often: a refused load costs a few ms
+# (the verifier's refusal more), an agent auditing every second should not pay it each time.
+RETRY_SECONDS = 60.0
 
 
 def _here(fn: Callable[[], int]) -> int:
@@ -39,8 +43,13 @@ class Iterators:
         directory: str = OBJECT_DIR,
         libbpf: Callable[[], Libbpf] = system_libbpf,
         kconfig: str | None = None,
+        retry_seconds: float = RETRY_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.directory = directory
+        self.retry_seconds = retry_seconds
+        self._clock = clock
+        self._failed_at: float | None = None
         self._libbpf = libbpf
         self._kconfig = kconfig
         self._objects: list[BpfObject] = []
@@ -66,6 +75,10 @@ class Iterators:
         with self._lock:
             if len(self._links) == 2:
                 return
+            now = self._clock()
+            if self._failed_at is not None and now - self._failed_at < self.retry_seconds:
+                raise BpfUnavailable(self.error or "BPF: unavailable")
+            self._failed_at = now
             try:
                 for file, program in (SOCKETS, OWNERS):
                     if program not in self._links:
@@ -77,6 +90,7 @@ class Iterators:
                 self.error = str(exc)
                 raise
             self.error = None
+            self._failed_at = None
 
     @property
     def loaded(self) -> bool:

@@ -54,6 +54,7 @@ class SockRecord:
             intvl=self.keepalive_intvl // hz if self.keepalive_intvl else sysctls.keepalive_intvl,
             cnt=self.keepalive_probes or sysctls.keepalive_probes,
             user_timeout_ms=self.user_timeout_ms,
+            source="bpf",
         )
 
 
