@@ -349,10 +349,13 @@ def _inspect(
     the ones whose keepalive status changes in the tally, and finds the sockets that the
     exact options flag beyond the pre-filter."""
     socks = {s.inode: s for s in candidates}
-    socks.update((s.inode, s) for s in kept if _may_need_options(s))
-    if not getattr(inspector, "needs_owners", True):  # the BPF iterator read them all
+    if not getattr(inspector, "needs_owners", True):
+        # The BPF iterator read every socket: each flagged one gets its exact settings, also
+        # those whose timer already proves keepalive off (their TCP_USER_TIMEOUT is news).
+        socks.update((s.inode, s) for s in kept if s.inode)
         targets = [(inode, 0, -1) for inode in socks]
     else:
+        socks.update((s.inode, s) for s in kept if _may_need_options(s))
         targets = [
             (inode, scan.found[inode].pid, scan.fds[inode])
             for inode in socks
