@@ -74,8 +74,9 @@ class LocalKernel:
             self.prescan = prescan
 
     def share_bpf(self, bpf: BpfAudit | None) -> None:
-        """Ask the audit's owner iterator for owners; the /proc scan stays the fallback."""
-        self.bpf = bpf
+        """Ask the audit's owner iterator for owners; the /proc scan stays the fallback. Only
+        for a source reading the real /proc: the iterator sees the real kernel's processes."""
+        self.bpf = bpf if os.path.realpath(self.proc_root) == "/proc" else None
 
     def inside(self, fn: Callable[[], T]) -> T:
         """``fn()`` in this source's namespace (here: the calling thread's)."""
