@@ -280,6 +280,9 @@ class ProcessInfo:
     cmdline: str = ""
     unit: str | None = None  # systemd unit (service or scope) from /proc/PID/cgroup
     container: str | None = None  # container id, 12 hex digits, from /proc/PID/cgroup
+    uid: int | None = None  # real uid (/proc/PID/status)
+    user: str | None = None  # its name in the process's own /etc/passwd (auditd.kernel.identity)
+    started_at: float | None = None  # unix time the process started (/proc/PID/stat)
 
 
 class SocketOptions(NamedTuple):
@@ -376,6 +379,9 @@ class Finding:
     unit: str | None = None
     container: str | None = None
     inode: int | None = None
+    uid: int | None = None
+    user: str | None = None
+    started_at: float | None = None  # unix time the owner started
     sysctl: str | None = None
     value: float | None = None  # the sysctl's value, or the detection time in seconds
     expected: str | None = None

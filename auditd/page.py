@@ -53,10 +53,15 @@ def _head(*names: str) -> str:
 
 
 def owner_text(f: Finding) -> str:
-    """``pid 4102 redis-server, unit redis.service, container 0123456789ab: <cmdline>``."""
+    """``pid 4102 redis-server, user redis, started <time>, unit redis.service, container
+    0123456789ab: <cmdline>``."""
     if f.pid is None:
         return "-"
     text = f"pid {f.pid} {f.process or '?'}"
+    if f.uid is not None:
+        text += f", user {f.user or f'uid {f.uid}'}"
+    if f.started_at is not None:
+        text += f", started {rfc3339(f.started_at)}"
     if f.unit:
         text += f", unit {f.unit}"
     if f.container:

@@ -48,6 +48,9 @@ def finding_dict(f: Finding) -> dict[str, Any]:
         "unit": f.unit,
         "container": f.container,
         "inode": f.inode,
+        "uid": f.uid,
+        "user": f.user,
+        "started_at": None if f.started_at is None else rfc3339(f.started_at),
         "sysctl": f.sysctl,
         "value": f.value,
         "expected": f.expected,
@@ -162,8 +165,11 @@ def _row(f: Finding) -> tuple[str, ...]:
 
 
 def _owner(f: Finding) -> str:
-    """``pid 4102 redis-server, unit redis.service, container 0123456789ab: <cmdline>``."""
+    """``pid 4102 redis-server, user redis, unit redis.service, container 0123456789ab:
+    <cmdline>`` (``user uid 999`` when the uid has no name in the process's /etc/passwd)."""
     text = f"pid {f.pid} {f.process}"
+    if f.uid is not None:
+        text += f", user {f.user or f'uid {f.uid}'}"
     if f.unit:
         text += f", unit {f.unit}"
     if f.container:

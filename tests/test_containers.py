@@ -46,6 +46,10 @@ WORKLOADS = (
     (5000, "0:0", {"net.ipv4.tcp_keepalive_time": 600}),
     (5001, "65534:65534", {"net.ipv4.tcp_keepalive_time": 900, "net.ipv4.tcp_retries2": 8}),
 )
+# The containers' own user database, where uid 65534 has another name than on the host: the
+# owners' names come from it.
+PASSWD = "root:x:0:0:root:/:/bin/sh\nworkload:x:65534:65534::/:/bin/sh\n"
+USERS = {"0:0": (0, "root"), "65534:65534": (65534, "workload")}
 CAP_BITS = {"DAC_READ_SEARCH": 2, "SYS_PTRACE": 19, "SYS_ADMIN": 21}  # linux/capability.h
 
 pytestmark = pytest.mark.kernel
@@ -74,6 +78,7 @@ class Podman:
 class Workload:
     id: str  # 64 hex
     port: int
+    user: str  # uid:gid
     sysctls: dict[str, int]
 
 
@@ -85,6 +90,7 @@ def _rootfs(d: Path) -> Path:
     shutil.copy2(busybox, d / "bin" / "busybox")
     for applet in ("sh", "nc", "sleep"):
         (d / "bin" / applet).symlink_to("busybox")
+    (d / "etc" / "passwd").write_text(PASSWD)
     for link in ("lib", "lib64"):  # merged /usr, as on the host: /usr is mounted for Python
         if os.path.islink(f"/{link}"):
             (d / link).symlink_to(os.readlink(f"/{link}"))
@@ -114,7 +120,7 @@ def workloads(podman: Podman) -> list[Workload]:
         flags = ["--user", user, *(f"--sysctl={k}={v}" for k, v in sysctls.items())]
         cid = podman("run", "-d", "--network", "none", *flags,
                      "--rootfs", str(podman.tmp / "rootfs"), "/bin/sh", "-c", script)  # fmt: skip
-        started.append(Workload(cid, port, sysctls))
+        started.append(Workload(cid, port, user, sysctls))
     return started
 
 
@@ -143,6 +149,7 @@ def _check(doc: dict[str, Any], workloads: list[Workload]) -> None:
         assert {f["kind"] for f in found} == {"idle_no_keepalive"} and len(found) == 2
         for f in found:
             assert f["container"] == w.id[:12] and f["process"] == "nc"
+            assert (f["uid"], f["user"]) == USERS[w.user] and f["started_at"] is not None
             assert w.id in Path(f"/proc/{f['pid']}/cgroup").read_text()
         assert {f["cmdline"] for f in found} == {f"nc -l -p {w.port}", f"nc 127.0.0.1 {w.port}"}
 

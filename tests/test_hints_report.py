@@ -39,6 +39,7 @@ FINDING_KEYS = {
     "hint", "sysctl", "value", "expected", "inode", "case", "cmdline", "unit", "container",
     "keepalive_idle_seconds", "keepalive_interval_seconds", "keepalive_count", "user_timeout_ms",
     "options_source",
+    "uid", "user", "started_at",
 }  # fmt: skip
 
 GENERATED_AT = 1_700_000_000.25  # 2023-11-14T22:13:20.250Z

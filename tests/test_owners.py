@@ -104,7 +104,8 @@ def test_process_without_cgroup_file(tmp_path: Path) -> None:
 
 def test_findings_and_json_name_the_owner() -> None:
     owner = ProcessInfo(4102, "redis-server", "redis-server *:6379", "redis.service",
-                        DOCKER_ID[:12])  # fmt: skip
+                        DOCKER_ID[:12], uid=999, user="redis",
+                        started_at=1_700_000_000.25)  # fmt: skip
     kernel = FakeKernel([make_sock(inode=102, idle_s=1000, dport=40000)], owners={102: owner})
     result = audit(ruleset(), [("host", kernel)])
     (finding,) = [f for f in result.findings if f.inode == 102]
@@ -115,16 +116,18 @@ def test_findings_and_json_name_the_owner() -> None:
     (f,) = [f for f in doc["findings"] if f["inode"] == 102]
     assert (f["cmdline"], f["unit"], f["container"]) == ("redis-server *:6379", "redis.service",
                                                          DOCKER_ID[:12])  # fmt: skip
+    assert (f["uid"], f["user"], f["started_at"]) == (999, "redis", "2023-11-14T22:13:20.250Z")
     assert "Redis: tcp-keepalive" in f["hint"]
     table = report.to_table(result)
-    assert (f"    who: pid 4102 redis-server, unit redis.service, container {DOCKER_ID[:12]}: "
-            "redis-server *:6379") in table  # fmt: skip
+    assert (f"    who: pid 4102 redis-server, user redis, unit redis.service, container "
+            f"{DOCKER_ID[:12]}: redis-server *:6379") in table  # fmt: skip
 
 
 def test_unknown_owner_is_null_everywhere() -> None:
     result = audit(ruleset(), [("host", FakeKernel([make_sock(inode=5, idle_s=1000)]))])
     (f,) = [f for f in json.loads(report.to_json(result))["findings"] if f["inode"] == 5]
     assert (f["pid"], f["process"], f["cmdline"], f["unit"], f["container"]) == (None,) * 5
+    assert (f["uid"], f["user"], f["started_at"]) == (None,) * 3
     assert "    who: " not in report.to_table(result)
 
 

@@ -459,6 +459,9 @@ def render(
         keepalive_count=None if params is None else params.cnt,
         user_timeout_ms=None if params is None else round(params.user_timeout * 1000),
         options_source="inferred" if options is None else options.source,
+        uid=process.uid if process is not None else None,
+        user=process.user if process is not None else None,
+        started_at=process.started_at if process is not None else None,
     )
 
 

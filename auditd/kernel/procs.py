@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
+from auditd.kernel import identity
 from auditd.kernel._fdscan_child import links
 from auditd.kernel.netns import cgroup_paths, name_from_cgroup
 from auditd.kernel.prescan import FdPrescan, Session
@@ -82,7 +83,23 @@ def process_info(pid: int, proc_root: str = "/proc") -> ProcessInfo | None:
         )
     except OSError:
         unit = container = None
-    return ProcessInfo(pid=pid, name=name, cmdline=cmdline, unit=unit, container=container)
+    uid, user, started = _identity(pid, base, proc_root)
+    return ProcessInfo(pid=pid, name=name, cmdline=cmdline, unit=unit, container=container,
+                       uid=uid, user=user, started_at=started)  # fmt: skip
+
+
+def _identity(pid: int, base: str, proc_root: str) -> tuple[int | None, str | None, float | None]:
+    """(real uid, user name, start time) of a process; None for what cannot be read."""
+    try:
+        uid = identity.real_uid(_read(os.path.join(base, "status")))
+    except OSError:
+        uid = None
+    try:
+        started = identity.start_time(_read(os.path.join(base, "stat")), proc_root)
+    except OSError:
+        started = None
+    user = None if uid is None else identity.user_name(pid, uid, proc_root)
+    return uid, user, started
 
 
 @dataclass(frozen=True, slots=True)
