@@ -20,8 +20,10 @@ Then, alternating in each round:
 - ss: ``ss -tinoe state established`` printing every socket (to /dev/null);
 - cli: ``python -m auditd audit --format json`` and ``ss`` as whole processes.
 
-With ``--inspect-sockets`` the audit (and the CLI) read every keepalive-on socket's options
-through ``pidfd_getfd``, and the report adds the time spent inspecting.
+As the CLI does, the audit takes owners from the BPF owner iterator when it loads (else the
+/proc scan, in a child during the dump). With ``--inspect-sockets`` the audit (and the CLI)
+read the sockets' options with one pass of the BPF socket iterator (else through
+``pidfd_getfd``), and the report adds the time spent inspecting.
 
 Prints medians and the ratios the targets are written in. Traffic stays on 127.0.0.0/8.
 """
@@ -174,43 +176,52 @@ def _has_done(chunk: memoryview) -> bool:
     return False
 
 
-class _TimedKernel:
+def _timed_kernel(prescan: Any) -> Any:
     """LocalKernel with the time spent in attribution recorded."""
+    from auditd.kernel import LocalKernel
 
-    def __init__(self, prescan: Any) -> None:
-        from auditd.kernel import LocalKernel
+    class TimedKernel(LocalKernel):
+        owners_seconds = 0.0
+        owners_wanted = 0
 
-        self.inner = LocalKernel(prescan=prescan)
-        self.owners_seconds = 0.0
-        self.owners_wanted = 0
+        def owners(self, inodes: Any, deadline: float | None = None) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return super().owners(inodes, deadline)
+            finally:
+                self.owners_seconds += time.perf_counter() - t0
+                self.owners_wanted += len(inodes)
+
+    return TimedKernel(prescan=prescan)
+
+
+class _Timer:
+    seconds = 0.0
+
+
+class _TimedInspector:
+    """The CLI's exact-mode inspector (BPF, else pidfd_getfd) with the time spent reading
+    socket options recorded: the socket iterator's pass happens in ``for_namespace``."""
+
+    def __init__(self, inner: Any, timer: _Timer) -> None:
+        self.inner, self.timer = inner, timer
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def owners(self, inodes: Any, deadline: float | None = None) -> Any:
+    def for_namespace(self, source: Any, sysctls: Any) -> Any:
         t0 = time.perf_counter()
         try:
-            return self.inner.owners(inodes, deadline)
+            return _TimedInspector(self.inner.for_namespace(source, sysctls), self.timer)
         finally:
-            self.owners_seconds += time.perf_counter() - t0
-            self.owners_wanted += len(inodes)
-
-
-class _TimedInspector:
-    """SocketInspector with the time spent reading socket options recorded."""
-
-    def __init__(self) -> None:
-        from auditd.kernel.inspect import SocketInspector
-
-        self.inner = SocketInspector()
-        self.seconds = 0.0
+            self.timer.seconds += time.perf_counter() - t0
 
     def inspect(self, targets: Any) -> Any:
         t0 = time.perf_counter()
         try:
             return self.inner.inspect(targets)
         finally:
-            self.seconds += time.perf_counter() - t0
+            self.timer.seconds += time.perf_counter() - t0
 
 
 def child_audit(rules_file: str, inspect: bool = False) -> dict[str, Any]:
@@ -219,16 +230,25 @@ def child_audit(rules_file: str, inspect: bool = False) -> dict[str, Any]:
     from auditd.audit.run import audit
     from auditd.config import load_rules
     from auditd.exporter import ExporterState, make_registry
+    from auditd.kernel.bpf.exact import BpfAudit, ExactInspector
+    from auditd.kernel.bpf.iterators import Iterators
+    from auditd.kernel.inspect import SocketInspector
     from auditd.kernel.prescan import FdPrescan
 
     rules = load_rules(rules_file)
-    inspector = _TimedInspector() if inspect else None
     t0, c0 = time.perf_counter(), time.process_time()
-    prescan = FdPrescan.start()  # as the CLI does: the owner scan runs in a child meanwhile
-    kernel = _TimedKernel(prescan)
+    # As the CLI does: the BPF iterators when they load (owners from one pass, and in exact
+    # mode every socket's options), else the owner scan in a child during the dump.
+    bpf = BpfAudit(Iterators())
+    bpf_load = time.perf_counter() - t0
+    timer = _Timer()
+    inspector = _TimedInspector(ExactInspector(bpf, SocketInspector()), timer) if inspect else None
+    prescan = None if bpf.loaded else FdPrescan.start()
+    kernel = _timed_kernel(prescan)
+    kernel.share_bpf(bpf if bpf.loaded else None)
     scan_child_peak_mb = 0.0
     try:
-        result = audit(rules, [("host", kernel)], inspector=inspector)  # type: ignore[list-item,arg-type]
+        result = audit(rules, [("host", kernel)], inspector=inspector)
     finally:
         if prescan is not None:
             scan_child_peak_mb = _peak_rss_mb(prescan.pid)
@@ -254,9 +274,12 @@ def child_audit(rules_file: str, inspect: bool = False) -> dict[str, Any]:
         "attribution_seconds": kernel.owners_seconds,
         "attribution_wanted": kernel.owners_wanted,
         "attribution_found": ns.attribution_found,
-        "inspection_seconds": inspector.seconds if inspector is not None else 0.0,
+        "bpf_load_seconds": bpf_load,
+        "bpf_note": bpf.note,
+        "inspection_seconds": timer.seconds,
         "inspected": ns.inspection.read if ns.inspection is not None else 0,
         "inspection_error": ns.inspection.error if ns.inspection is not None else None,
+        "inspection_method": ns.inspection.method if ns.inspection is not None else None,
         "metrics_bytes": len(body),
     }
 
@@ -528,6 +551,9 @@ def _measure(
         "inspection_s": _median(audits, "inspection_seconds"),
         "inspected": last["inspected"],
         "inspection_error": last["inspection_error"],
+        "inspection_method": last["inspection_method"],
+        "bpf_load_s": _median(audits, "bpf_load_seconds"),
+        "bpf_note": last["bpf_note"],
         "ss_wall_s": _median(ss, "wall"),
         "ss_cpu_s": _median(ss, "cpu"),
         "cli_process_wall_s": _median(cli, "wall"),
@@ -577,6 +603,12 @@ def print_report(r: dict[str, Any]) -> None:
     if r["inspected"] or r["inspection_error"]:
         print(f"{'  of which inspection':28}{r['inspection_s']:9.3f}   ({r['inspected']} sockets"
               f" read{': ' + r['inspection_error'] if r['inspection_error'] else ''})")  # fmt: skip
+    if r["bpf_note"] is None:
+        how = f", options by {r['inspection_method']}" if r["inspected"] else ""
+        print(f"{'  of which BPF load':28}{r['bpf_load_s']:9.3f}   (owners by the owner "
+              f"iterator{how})")  # fmt: skip
+    else:
+        print(f"BPF unavailable, owners by the /proc scan: {r['bpf_note']}")
     print(f"{'ss -tinoe (process)':28}{r['ss_wall_s']:9.3f}{r['ss_cpu_s']:9.3f}")
     print(f"{'audit --format json (proc)':28}{r['cli_process_wall_s']:9.3f}"
           f"{r['cli_process_cpu_s']:9.3f}{r['cli_process_peak_rss_mb']:9.1f}"

@@ -6,6 +6,7 @@ capabilities a feature needs (``setpriv``, util-linux), in a network namespace o
 | audit the own namespace                 | nothing beyond reading /proc                        |
 | attribute another user's socket         | CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE (both)       |
 | audit other namespaces (--netns all)    | CAP_SYS_ADMIN (setns)                               |
+| BPF iterators (owners, exact options)   | CAP_BPF and CAP_PERFMON (both)                      |
 
 Without a capability the audit still runs and says once, on stderr (CLI) or in the log and
 ``keepalive_audit_errors_total`` (agent), what it could not do and which capability is missing.
@@ -38,7 +39,8 @@ import auditd
 
 NOBODY = 65534
 REPO = Path(auditd.__file__).resolve().parent.parent
-CAPS = {"dac": "dac_read_search", "ptrace": "sys_ptrace", "admin": "sys_admin"}
+CAPS = {"dac": "dac_read_search", "ptrace": "sys_ptrace", "admin": "sys_admin", "bpf": "bpf",
+        "perfmon": "perfmon"}  # fmt: skip
 NOTE = "keepalive-auditd: note: process attribution limited: cannot read other users' /proc/PID/fd"
 
 pytestmark = pytest.mark.kernel
@@ -169,6 +171,40 @@ def test_attribution_needs_both_capabilities(
     else:
         assert {f["pid"] for f in ours} == {None}
         assert stderr == f"{NOTE} (missing {missing})\n"
+
+
+@pytest.mark.parametrize(
+    ("caps", "method"),
+    [(["bpf"], "pidfd"), (["perfmon"], "pidfd"), (["bpf", "perfmon"], "bpf")],
+    ids=["bpf", "perfmon", "both"],
+)
+def test_bpf_needs_cap_bpf_and_cap_perfmon(
+    ns: netlab.Netns,
+    mountpoint: Path,
+    rules: Path,
+    idle_pair: tuple[str, str],
+    caps: list[str],
+    method: str,
+) -> None:
+    """With both, exact options and owners of another user's sockets come from the BPF
+    iterators, without CAP_SYS_PTRACE or CAP_DAC_READ_SEARCH; with one, neither works."""
+    rc, doc, stderr = audit_as_nobody(ns, mountpoint, caps, "--config", str(rules),
+                                      "--fail-on", "never", "--inspect-sockets")  # fmt: skip
+    assert rc == 0 and doc is not None, stderr
+    [host] = doc["namespaces"]
+    assert host["inspection"]["method"] == method
+    ours = [f for f in doc["findings"] if f["local"] in idle_pair]
+    assert len(ours) == 2
+    if method == "bpf":
+        assert {f["pid"] for f in ours} == {os.getpid()}
+        assert {f["options_source"] for f in ours} == {"bpf"}
+        assert stderr == ""
+    else:
+        assert {f["pid"] for f in ours} == {None}
+        assert (
+            "exact options by pidfd_getfd, not BPF: BPF: loading sockets.bpf.o: Operation "
+            "not permitted" in stderr
+        )
 
 
 def test_netns_all_needs_cap_sys_admin(lab: netlab.Lab, ns: netlab.Netns, mountpoint: Path) -> None:

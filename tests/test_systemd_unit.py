@@ -114,6 +114,19 @@ def test_systemd_analyze_security_exposure_is_low(tmp_path: Path) -> None:
     assert exposure <= MAX_EXPOSURE, result.stdout
 
 
+def test_seccomp_filter_allows_bpf_after_denying_privileged(tmp_path: Path) -> None:
+    """bpf() is in @privileged, which the unit denies: a later SystemCallFilter=bpf allows it
+    again (systemd applies the assignments in order), as systemd itself reads the unit."""
+    filters = _unit_settings(UNIT.read_text())["SystemCallFilter"]
+    assert filters.index("bpf") > filters.index("~@privileged @resources")
+    analyze = _need_systemd_analyze()
+    if _systemd_version() < 250:
+        pytest.skip(f"systemd {_systemd_version()} has no 'security --offline' (needs >= 250)")
+    unit = _runnable_unit(tmp_path)
+    result = _run([analyze, "security", "--offline=true", "--no-pager", str(unit)], tmp_path)
+    assert "@privileged is included (e.g. bpf is allowed)" in result.stdout, result.stdout
+
+
 # --- the options the agent depends on --------------------------------------------------------
 
 
@@ -124,6 +137,7 @@ def test_unit_keeps_what_the_agent_needs() -> None:
     assert parse_duration(s["WatchdogSec"][0]) >= 60  # the daemon pings at half of it
     assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     caps = {"CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE"}  # /proc/PID/fd of other users
+    caps |= {"CAP_BPF", "CAP_PERFMON"}  # the BPF iterators (auditd/kernel/bpf)
     assert _words(s, "AmbientCapabilities") == caps
     assert _words(s, "CapabilityBoundingSet") == caps
     assert {"AF_NETLINK", "AF_INET", "AF_INET6", "AF_UNIX"} <= _words(s, "RestrictAddressFamilies")
