@@ -29,7 +29,9 @@ from auditd.config import (
     load_rules_or_default,
     parse_duration,
 )
+from auditd.config.errors import one_line
 from auditd.errors import AuditdError, NamespaceGone
+from auditd.httpserver import MAX_CONNECTIONS
 from auditd.kernel import KernelSource, LocalKernel, NamespaceKernel
 from auditd.kernel.bpf.exact import BpfAudit, ExactInspector, process_iterators
 from auditd.kernel.inspect import SocketInspector
@@ -52,8 +54,9 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        # One line instead of argparse's usage dump; exit 2 like argparse.
-        sys.stderr.write(f"{self.prog}: {message} (see --help)\n")
+        # One line instead of argparse's usage dump; exit 2 like argparse. The message echoes
+        # what the user typed: newlines and control characters in it are escaped.
+        _say(one_line(f"{self.prog}: {message} (see --help)"))
         sys.exit(EXIT_USAGE)
 
 
@@ -77,13 +80,29 @@ MAX_FINDINGS_HELP = (
 )
 
 
+MAX_COUNT = 1_000_000  # --audit.max-findings: more findings than anyone reads or logs
+MAX_INTERVAL = 86400.0  # --audit.interval: a day; threading's waits overflow far beyond
+MAX_PATH_FLAG = 256  # --web.telemetry-path: characters
+
+
 def _count(text: str) -> int:
     try:
-        value = int(text)
+        value = int(text) if len(text) <= 12 else MAX_COUNT + 1
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+        raise argparse.ArgumentTypeError(f"not a whole number: {text[:20]!r}") from None
+    if not 0 <= value <= MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_COUNT}, got {text[:20]}")
+    return value
+
+
+def _connections(text: str) -> int:
+    try:
+        value = int(text) if len(text) <= 6 else -1
+    except ValueError:
+        value = -1
+    if not 1 <= value <= MAX_CONNECTIONS:
+        what = f"expected a whole number from 1 to {MAX_CONNECTIONS}, got {text[:20]!r}"
+        raise argparse.ArgumentTypeError(what)
     return value
 
 
@@ -145,6 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
         dest="web_config_file",
         metavar="FILE",
         help="TLS and basic auth for the endpoint, exporter-toolkit format (reloaded on SIGHUP)",
+    )
+    r.add_argument(
+        "--web.max-connections",
+        dest="max_connections",
+        type=_connections,
+        default=MAX_CONNECTIONS,
+        metavar="N",
+        help="most client connections at once (default 512, fewer if the open-files limit "
+        "leaves less than 128 descriptors for the audit); beyond it the connection that has "
+        "waited longest without a request is closed",
     )
     r.add_argument(
         "--audit.interval",
@@ -293,14 +322,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         interval = parse_duration(args.interval)
     except ValueError as exc:
         raise UsageError(f"--audit.interval: {exc}") from None
-    if interval < 1:
-        raise UsageError("--audit.interval: must be at least 1s")
+    if not 1 <= interval <= MAX_INTERVAL:
+        raise UsageError("--audit.interval: must be between 1s and 1d")
     try:
         findings_after = parse_duration(args.log_findings_after)
     except ValueError as exc:
         raise UsageError(f"--log.findings-after: {exc}") from None
-    if not args.telemetry_path.startswith("/") or args.telemetry_path == "/":
+    path = args.telemetry_path
+    if not path.startswith("/") or path == "/":
         raise UsageError("--web.telemetry-path: must start with / and not be / itself")
+    if len(path) > MAX_PATH_FLAG or not (path.isascii() and path.isprintable()) or " " in path:
+        raise UsageError(
+            f"--web.telemetry-path: must be at most {MAX_PATH_FLAG} printable ASCII "
+            "characters without spaces"
+        )
     try:  # a malformed address is bad usage (exit 2), found before anything is logged
         parse_listen(args.listen)
     except ValueError as exc:
@@ -309,7 +344,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = DaemonOptions(
         args.config_file, interval, args.listen, args.telemetry_path, args.web_config_file,
         inspect_sockets=args.inspect_sockets, max_findings=args.max_findings,
-        log_findings_after=findings_after,
+        log_findings_after=findings_after, max_connections=args.max_connections,
     )  # fmt: skip
     daemon = Daemon(options, args.sources, log)
     daemon.install_signals()  # first: a SIGHUP during start-up must not kill the process
@@ -332,12 +367,28 @@ def main(
     prescan: FdPrescan | None = None,
 ) -> int:
     """``sources`` replaces the namespaces --netns would pick (tests hand in fakes);
-    ``prescan``: the owner scan ``auditd.launch`` started for ``audit`` (closed here)."""
+    ``prescan``: the owner scan ``auditd.launch`` started for ``audit`` (closed here).
+
+    What was written is flushed here, for every subcommand and for argparse's --help and
+    --version too: a closed pipe is a quiet exit 0 (as ``grep`` or ``ss`` end when ``head``
+    is done), a full disk exit 2 with one line on stderr, never Python's "Exception ignored"
+    at exit (status 120)."""
+    argparse_exit = False
     try:
-        return _main(argv, sources, prescan)
+        code = _main(argv, sources, prescan)
+    except SystemExit as exc:  # argparse: --help, --version, a usage error; raised again
+        code, argparse_exit = exc.code if isinstance(exc.code, int) else EXIT_USAGE, True
+    except BrokenPipeError:
+        code = _broken_pipe()
+    except OSError as exc:  # stdout on a full disk, or an error no layer translated
+        code = _write_failed(exc)
     finally:
         if prescan is not None:
             prescan.close()
+    code = _flush(code)
+    if argparse_exit:
+        raise SystemExit(code)
+    return code
 
 
 def _main(argv: Sequence[str] | None, sources: Sources | None, prescan: FdPrescan | None) -> int:
@@ -358,33 +409,54 @@ def _main(argv: Sequence[str] | None, sources: Sources | None, prescan: FdPresca
         return EXIT_KERNEL
     except KeyboardInterrupt:
         return 130
+
+
+def _flush(code: int) -> int:
+    try:
+        sys.stdout.flush()
     except BrokenPipeError:
-        _drop_stdout()
-        return EXIT_OK
-    except OSError as exc:  # stdout on a full disk, or an error no layer translated
-        _drop_stdout()
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
-            _say(f"{PROG}: cannot write output: {exc.strerror}")
-            return EXIT_USAGE
+        return _broken_pipe()
+    except (OSError, ValueError) as exc:
+        return _write_failed(exc)
+    _say("")  # flushes stderr; one that cannot be written is pointed at /dev/null
+    return code
+
+
+def _broken_pipe() -> int:
+    _drop(sys.stdout)
+    return EXIT_OK
+
+
+def _write_failed(exc: Exception) -> int:
+    _drop(sys.stdout)
+    if isinstance(exc, OSError) and exc.errno not in WRITE_ERRORS:
         _say(f"{PROG}: {exc.strerror or exc}")
         return EXIT_KERNEL
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+    _say(f"{PROG}: cannot write output: {reason}")
+    return EXIT_USAGE
+
+
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EPIPE)
 
 
 def _say(line: str) -> None:
-    """One line on stderr; a stderr that cannot be written (full disk) loses it, no more."""
+    """One line on stderr (with "", only a flush); a stderr that cannot be written (a full
+    disk) loses it, no more: it is pointed at /dev/null so that exit does not fail on it."""
     try:
-        sys.stderr.write(line + "\n")
+        if line:
+            sys.stderr.write(line + "\n")
         sys.stderr.flush()
     except (OSError, ValueError):
-        pass
+        _drop(sys.stderr)
 
 
-def _drop_stdout() -> None:
-    """Point stdout at /dev/null, so the exit-time flush of what is left does not fail too
-    (Python would print "Exception ignored" and exit 120)."""
+def _drop(stream: object) -> None:
+    """Point ``stream``'s fd at /dev/null, so the exit-time flush of what is left in its
+    buffer does not fail too (Python would print "Exception ignored" and exit 120)."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, stream.fileno())  # type: ignore[attr-defined]
         os.close(devnull)
-    except (OSError, ValueError, AttributeError):  # no real stdout (tests capture it)
+    except (OSError, ValueError, AttributeError):  # no real fd (tests capture the stream)
         pass

@@ -12,12 +12,10 @@ short, owners it may not look up), a listen address that cannot be bound yet (re
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from types import FrameType
 
 from auditd import __version__, logs
 from auditd.audit.run import DEFAULT_MAX_FINDINGS, AuditResult, audit, inspection_error
@@ -33,6 +31,7 @@ from auditd.errors import AuditdError, KernelError
 from auditd.exporter import ExporterState
 from auditd.findlog import FindingLog
 from auditd.http import MetricsServer
+from auditd.httpserver import MAX_CONNECTIONS
 from auditd.kernel import KernelSource, LocalKernel, OwnerCache
 from auditd.kernel.bpf.exact import BpfAudit, ExactInspector
 from auditd.kernel.bpf.iterators import Iterators
@@ -41,6 +40,7 @@ from auditd.kernel.limits import Problems, netns_note, observe
 from auditd.kernel.prescan import FdPrescan
 from auditd.model import Severity
 from auditd.notify import Notifier, watchdog_interval
+from auditd.signals import Signals
 
 Sources = Callable[[], list[tuple[str, KernelSource]]]
 
@@ -59,6 +59,7 @@ class DaemonOptions:
     inspect_sockets: bool = False  # --audit.inspect-sockets: exact keepalive options
     max_findings: int = DEFAULT_MAX_FINDINGS  # socket findings described (and logged)
     log_findings_after: float = 300.0  # --log.findings-after: a finding's own line once it lasts
+    max_connections: int = MAX_CONNECTIONS  # --web.max-connections
 
 
 def summary(result: AuditResult) -> str:
@@ -86,9 +87,12 @@ class Daemon:
         self.log = log
         self.notifier = notifier or Notifier()
         self.clock = clock
-        self.stop_event = threading.Event()
+        self.signals = Signals()
+        self.stop_event = threading.Event()  # set by the main loop, never by a signal handler
         self.wake = threading.Event()
-        self.reload_requested = threading.Event()
+        self._reloader: threading.Thread | None = None
+        self._worker: threading.Thread | None = None
+        self._unhealthy_logged = False
         self._lock = threading.Lock()
         self.state = ExporterState()
         self.findlog = FindingLog(log, options.log_findings_after)
@@ -306,6 +310,16 @@ class Daemon:
             self.truncated = truncated
         self.findlog.update(result.findings, self.clock(), clears=not truncated)
 
+    def _audit_thread(self) -> None:
+        """The audit worker; if it ever dies, it says so and the health check fails."""
+        try:
+            self._audit_loop()
+        except BaseException as exc:
+            self.log.critical(
+                "audit loop died: metrics are stale, the health check fails",
+                extra={"error": f"{type(exc).__name__}: {exc}"},
+            )
+
     def _audit_loop(self) -> None:
         while not self.stop_event.is_set():
             try:
@@ -321,22 +335,47 @@ class Daemon:
             self.wake.clear()
 
     def healthy(self) -> bool:
-        """The audit loop is alive: it finished a cycle recently (a hung dump is not)."""
+        """The audit loop is alive and finished a cycle recently (a hung dump is not)."""
+        if self._worker is not None and not self._worker.is_alive():
+            return False
         limit = max(3 * self.options.interval, 60.0)
         return time.monotonic() - self.last_cycle < limit
 
-    # -- lifecycle -----------------------------------------------------------------------
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        del frame
-        if signum == signal.SIGHUP:
-            self.reload_requested.set()
-        else:
-            self.stop_event.set()
-            self.wake.set()
+    def _watchdog(self) -> bool:
+        """Ping systemd's watchdog if healthy; say once in the log when the pings stop."""
+        if self.healthy():
+            if self._unhealthy_logged:
+                self.log.info("audit loop healthy again, watchdog pings resume")
+            self._unhealthy_logged = False
+            return self.notifier.watchdog()
+        if not self._unhealthy_logged:
+            self.log.error(
+                "audit loop unhealthy: no audit finished recently; watchdog pings stop",
+                extra={"last_cycle_seconds_ago": round(time.monotonic() - self.last_cycle, 1)},
+            )
+            self._unhealthy_logged = True
+        return False
 
+    # -- lifecycle -----------------------------------------------------------------------
     def install_signals(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, self._on_signal)
+        self.signals.install()
+
+    def _start_reload(self) -> None:
+        """A reload runs in a thread of its own: a large rules file takes a while to check,
+        and the main loop keeps answering signals and the watchdog meanwhile. SIGHUPs that
+        come during a reload are served by one more reload after it."""
+        if self._reloader is not None and self._reloader.is_alive():
+            return
+        if not self.signals.take_reload():
+            return
+        self._reloader = threading.Thread(target=self._reload_thread, name="reload", daemon=True)
+        self._reloader.start()
+
+    def _reload_thread(self) -> None:
+        try:
+            self.reload()
+        except Exception as exc:  # a bug in a reload must not end the reloads
+            self._fail("internal", f"{type(exc).__name__}: {exc}", "reload failed", once=False)
 
     @property
     def _retry(self) -> float:
@@ -364,26 +403,25 @@ class Daemon:
         not configured yet) does not stop the audits: binding is retried every audit interval,
         at most ``listen_retry`` seconds apart."""
         self.server = MetricsServer(
-            self.options.listen, self.options.telemetry_path, self.get_state, self.log, self.web
-        )
+            self.options.listen, self.options.telemetry_path, self.get_state, self.log, self.web,
+            max_connections=self.options.max_connections,
+        )  # fmt: skip
         listening = self._listen()
         next_try = time.monotonic() + self._retry
-        worker = threading.Thread(target=self._audit_loop, name="audit", daemon=True)
-        worker.start()
+        self._worker = threading.Thread(target=self._audit_thread, name="audit", daemon=True)
+        self._worker.start()
         tick = watchdog_interval()
         step = min(tick, 0.25) if tick else 0.25
         last_ping = 0.0
-        while not self.stop_event.is_set():
-            self.stop_event.wait(step)
-            if self.reload_requested.is_set():
-                self.reload_requested.clear()
-                self.reload()
+        while not self.signals.stop_requested:
+            self.signals.wait(step)
+            self._start_reload()
             if not listening and time.monotonic() >= next_try:
                 listening = self._listen()
                 next_try = time.monotonic() + self._retry
-            if tick and time.monotonic() - last_ping >= tick and self.healthy():
-                self.notifier.watchdog()
+            if tick and time.monotonic() - last_ping >= tick and self._watchdog():
                 last_ping = time.monotonic()
+        self.stop_event.set()
         self.notifier.stopping()
         self.wake.set()
         self.server.stop()

@@ -6,33 +6,36 @@ scrapers or readers cost a dictionary lookup each, not a render.
 
 TLS and basic auth follow ``--web.config.file`` (auditd/config/web.py, auditd/auth.py). The
 TLS handshake runs in the connection's own thread, not in the accept loop, so a client that
-stalls it holds up nobody else; every connection times out after ``CONNECTION_TIMEOUT`` seconds of
-silence. The web config is looked up per connection and per request, so a reload (SIGHUP)
-takes effect at the next connection.
+stalls it holds up nobody else; a connection has ``CONNECTION_TIMEOUT`` seconds to send a
+whole request (auditd/httpserver.py bounds connections and threads). The web config is looked
+up per connection and per request, so a reload (SIGHUP) takes effect at the next connection.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import re
 import socket
 import ssl
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from auditd import __version__
 from auditd import page as findings_page
-from auditd.auth import BasicAuth
+from auditd.auth import BasicAuth, Verdict
 from auditd.config import TlsSettings, WebConfig
+from auditd.config.errors import one_line
 from auditd.errors import AuditdError
 from auditd.exporter import ExporterState, make_registry
+from auditd.httpserver import IDLE_TIMEOUT, MAX_CONNECTIONS, Server, connection_cap
 from auditd.report import to_json
 
-CONNECTION_TIMEOUT = 10.0  # seconds a client may stay silent, handshake included
+CONNECTION_TIMEOUT = IDLE_TIMEOUT  # seconds a client may take to send a request, TLS included
 
 JSON_TYPE = "application/json; charset=utf-8"
 NO_AUDIT = b'{"error": "no audit has finished yet"}\n'
@@ -44,63 +47,44 @@ PAGE_HEADERS = (
 )
 
 
+# A host name as getaddrinfo takes it: RFC 1123 labels, ASCII only (a non-ASCII or undecodable
+# name ended in "TypeError: encoding of hostname failed" at bind time, issue 16).
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
 def parse_listen(address: str) -> tuple[str, int]:
     """``:9977`` / ``127.0.0.1:9977`` / ``[::1]:9977`` -> (host, port). Raises ValueError."""
+    shown = one_line(address[:80] + ("…" if len(address) > 80 else ""))
     host, sep, port_text = address.rpartition(":")
     if not sep:
-        raise ValueError(f"listen address {address!r} has no port (like :9977)")
-    if host.startswith("[") and host.endswith("]"):
+        raise ValueError(f"listen address {shown!r} has no port (like :9977)")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
         host = host[1:-1]
-    try:
-        port = int(port_text)
-    except ValueError:
+    if not port_text.isascii() or not port_text.isdigit() or len(port_text) > 5:
         raise ValueError(
-            f"listen address {address!r}: port {port_text!r} is not a number"
-        ) from None
+            f"listen address {shown!r}: port {one_line(port_text[:8])!r} is not a number"
+        )
+    port = int(port_text)
     if not 0 <= port <= 65535:
-        raise ValueError(f"listen address {address!r}: port {port} out of range")
+        raise ValueError(f"listen address {shown!r}: port {port} out of range")
+    if host and not _valid_host(host, bracketed):
+        raise ValueError(
+            f"listen address {shown!r}: host is not an IP address or an ASCII host name"
+        )
     return host, port
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 64
+def _valid_host(host: str, bracketed: bool) -> bool:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return not bracketed and len(host) <= 253 and _HOSTNAME.fullmatch(host) is not None
+    return ip.version == 6 or not bracketed  # brackets hold an IPv6 address only
+
+
+class _Server(Server):
     tls: Callable[[], TlsSettings | None] = staticmethod(lambda: None)
-    # Handler threads from a pool instead of a new thread per connection: thread start-up
-    # was a good part of each scrape's cost under many concurrent scrapers. When every
-    # pooled thread is busy (slow or silent clients), a connection gets a thread of its own
-    # as before, so a few stuck clients cannot hold up the scrapes behind them.
-    workers = 16
-
-    def server_activate(self) -> None:
-        super().server_activate()
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="http")
-        self._busy = 0
-        self._busy_lock = threading.Lock()
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._busy_lock:
-            pooled = self._busy < self.workers
-            if pooled:
-                self._busy += 1
-        if pooled:
-            self._pool.submit(self._pooled, request, client_address)
-        else:
-            super().process_request(request, client_address)
-
-    def _pooled(self, request: Any, client_address: Any) -> None:
-        try:
-            self.process_request_thread(request, client_address)
-        finally:
-            with self._busy_lock:
-                self._busy -= 1
-
-    def server_close(self) -> None:
-        super().server_close()
-        pool = getattr(self, "_pool", None)
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6:
@@ -108,12 +92,12 @@ class _Server(ThreadingHTTPServer):
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
 
-    def get_request(self) -> tuple[Any, Any]:
-        conn, addr = super().get_request()
+    def wrap_connection(self, conn: socket.socket) -> Any:
         tls = self.tls()
-        if tls is not None:  # the handshake happens in the handler's thread (setup)
-            conn = tls.context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
-        return conn, addr
+        if tls is None:
+            return conn
+        # The handshake happens in the handler's thread (setup), not in the accept loop.
+        return tls.context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A failed handshake (plain HTTP to the TLS port, a bad client certificate), a client
@@ -137,8 +121,10 @@ class MetricsServer:
         get_state: Callable[[], ExporterState],
         log: logging.Logger,
         web: WebConfig | None = None,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.listen = listen
+        self.max_connections = max_connections
         self.path = path
         self.get_state = get_state
         self.log = log
@@ -204,11 +190,21 @@ class MetricsServer:
                         raise ConnectionRefusedError("client certificate SAN not allowed")
                 super().setup()
 
+            def parse_request(self) -> bool:
+                ok = super().parse_request()
+                self.server.mark(self.request, busy=True)  # type: ignore[attr-defined]
+                return ok
+
+            def handle_one_request(self) -> None:
+                super().handle_one_request()
+                self.server.mark(self.request, busy=False)  # type: ignore[attr-defined]
+
             def do_GET(self) -> None:
                 web = server.web
-                if not server.auth.check(web.users, self.headers.get("Authorization")):
-                    challenge = (("WWW-Authenticate", 'Basic realm="keepalive-auditd"'),)
-                    self._send(401, "text/plain; charset=utf-8", b"Unauthorized\n", challenge)
+                client = str(self.client_address[0])
+                verdict = server.auth.verdict(web.users, self.headers.get("Authorization"), client)
+                if verdict is not Verdict.OK:
+                    self._refuse(verdict)
                     return
                 route = self.path.split("?", 1)[0]
                 if route == server.path:
@@ -223,6 +219,16 @@ class MetricsServer:
                         self._send(200, JSON_TYPE, body, (("Cache-Control", "no-store"),))
                 else:
                     self._send(404, "text/plain; charset=utf-8", b"not found\n")
+
+            def _refuse(self, verdict: Verdict) -> None:
+                text = "text/plain; charset=utf-8"
+                if verdict is Verdict.DENIED:
+                    challenge = (("WWW-Authenticate", 'Basic realm="keepalive-auditd"'),)
+                    self._send(401, text, b"Unauthorized\n", challenge)
+                elif verdict is Verdict.BACKOFF:
+                    self._send(429, text, b"Too many failed logins\n", (("Retry-After", "5"),))
+                else:
+                    self._send(503, text, b"Too many logins at once\n", (("Retry-After", "1"),))
 
             def _send(
                 self, code: int, ctype: str, body: bytes, extra: tuple[tuple[str, str], ...] = ()
@@ -252,14 +258,16 @@ class MetricsServer:
         cls: type[_Server] = _Server6 if (":" in host or host == "") else _Server4
         try:
             self._httpd = cls(("::" if host == "" else host, port), self._handler())
-        except OSError as exc:
+        except (OSError, UnicodeError, TypeError, ValueError) as exc:  # Unicode..: IDNA
             if host != "" or cls is _Server4:
-                raise AuditdError(f"cannot listen on {self.listen}: {exc.strerror}") from None
+                reason = getattr(exc, "strerror", None) or exc
+                raise AuditdError(f"cannot listen on {self.listen}: {reason}") from None
             try:  # ":port" on a host without IPv6
                 self._httpd = _Server4(("0.0.0.0", port), self._handler())
             except OSError as exc4:
                 raise AuditdError(f"cannot listen on {self.listen}: {exc4.strerror}") from None
         self._httpd.tls = lambda: self.web.tls
+        self._httpd.max_connections = connection_cap(self.max_connections)
         self._thread = threading.Thread(
             target=self._httpd.serve_forever,
             kwargs={"poll_interval": 0.2},

@@ -16,6 +16,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 from collections.abc import Iterator
@@ -265,7 +266,112 @@ def test_unknown_user_costs_a_bcrypt_too(monkeypatch: pytest.MonkeyPatch) -> Non
     calls: list[bytes] = []
     monkeypatch.setattr(auth_module, "_checkpw", lambda p, h: calls.append(h) or False)
     BasicAuth().check({"prometheus": HASH.encode()}, basic_auth("eve", "x")["Authorization"])
-    assert calls == [auth_module._DECOY]
+    [decoy] = calls
+    assert decoy != HASH.encode() and decoy.split(b"$")[2] == b"10"  # the configured cost
+
+
+def _check_seconds(auth: BasicAuth, users: dict[str, bytes], user: str, i: int) -> float:
+    header = basic_auth(user, f"wrong {i}")["Authorization"]  # a new one: no cache answers
+    started = time.perf_counter()
+    assert not auth.check(users, header)
+    return time.perf_counter() - started
+
+
+@pytest.mark.parametrize("cost", [5, 12])
+def test_unknown_and_known_users_take_the_same_time(cost: int) -> None:
+    """The decoy has the configured hashes' cost. With a fixed cost-10 decoy, at cost 5
+    (htpasswd -B's default) an unknown user took 20 times as long as a known one, at cost 12
+    a quarter of the time. Interleaved checks, so that load elsewhere hits both alike."""
+    users = {"prometheus": bcrypt.hashpw(b"secret", bcrypt.gensalt(cost))}
+    auth = BasicAuth()
+    auth.check(users, basic_auth("warm-up", "x")["Authorization"])  # makes the decoy
+    known, unknown = [], []
+    for i in range(15 if cost < 10 else 3):
+        known.append(_check_seconds(auth, users, "prometheus", i))
+        unknown.append(_check_seconds(auth, users, "eve", i))
+    ratio = min(unknown) / min(known)  # the least disturbed of each: load only adds time
+    assert 0.4 < ratio < 2.5, (known, unknown)
+
+
+def test_each_unknown_name_gets_one_of_the_configured_costs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[bytes] = []
+    monkeypatch.setattr(auth_module, "_checkpw", lambda p, h: calls.append(h) or False)
+    users = {
+        "a": bcrypt.hashpw(b"x", bcrypt.gensalt(4)),
+        "b": bcrypt.hashpw(b"x", bcrypt.gensalt(5)),
+    }
+    auth = BasicAuth()
+    for name in ("eve", "mallory", "eve", *(f"user{i}" for i in range(30))):
+        auth.check(users, basic_auth(name, f"pw {len(calls)}")["Authorization"])
+    costs = [h.split(b"$")[2] for h in calls]
+    assert costs[0] == costs[2]  # the same name, the same cost, every time
+    assert set(costs) == {b"04", b"05"}
+
+
+def test_a_flood_of_wrong_passwords_never_evicts_the_scraper(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[bytes] = []
+    real = auth_module._checkpw
+    monkeypatch.setattr(auth_module, "_checkpw", lambda p, h: calls.append(h) or real(p, h))
+    users = {"prometheus": bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4))}
+    auth = BasicAuth()
+    good = basic_auth("prometheus", PASSWORD)["Authorization"]
+    assert auth.check(users, good)
+    for i in range(3 * auth_module.DENIED_SIZE // 2):  # more wrong ones than both caches hold
+        auth._remember(auth._cache_key("prometheus", users["prometheus"], b"%d" % i), False)
+    calls.clear()
+    assert auth.verdict(users, good, "127.0.0.1") is auth_module.Verdict.OK
+    assert calls == []  # answered from the cache, before any backoff or queue
+
+
+def test_failed_attempts_back_off_per_address() -> None:
+    now = [1000.0]
+    auth = BasicAuth(clock=lambda: now[0])
+    users = {"prometheus": bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4))}
+    good = basic_auth("prometheus", PASSWORD)["Authorization"]
+    assert auth.verdict(users, good, "10.0.0.9") is auth_module.Verdict.OK  # cached from now on
+    verdicts = [
+        auth.verdict(users, basic_auth("prometheus", f"guess {i}")["Authorization"], "10.0.0.1")
+        for i in range(auth_module.FREE_FAILURES + 2)
+    ]
+    free = auth_module.FREE_FAILURES
+    assert verdicts == [auth_module.Verdict.DENIED] * free + [auth_module.Verdict.BACKOFF] * 2
+    # Another address, and the authorized scraper from the same one, are not held up.
+    assert auth.verdict(users, basic_auth("x", "y")["Authorization"], "10.0.0.2").name == "DENIED"
+    assert auth.verdict(users, good, "10.0.0.1") is auth_module.Verdict.OK
+    # IPv6 clients are counted by /64; the wait doubles, up to BACKOFF_MAX.
+    for i in range(free):
+        auth.verdict(users, basic_auth("p", f"{i}")["Authorization"], f"2001:db8::{i + 1}")
+    assert auth.backoff.waiting("2001:db8::ffff")
+    assert not auth.backoff.waiting("2001:db8:0:1::1")
+    now[0] += auth_module.BACKOFF_FIRST + 0.01
+    assert auth.verdict(users, basic_auth("p", "q")["Authorization"], "10.0.0.1").name == "DENIED"
+    assert auth.backoff.waiting("10.0.0.1")  # the next failure waits twice as long
+    now[0] += auth_module.BACKOFF_FIRST + 0.01
+    assert auth.backoff.waiting("10.0.0.1")
+
+
+def test_password_checks_beyond_the_queue_are_refused_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    release = threading.Event()
+    monkeypatch.setattr(auth_module, "_checkpw", lambda p, h: release.wait(10) and False)
+    auth = BasicAuth(workers=1, queue_limit=2)
+    users = {"prometheus": HASH.encode()}
+    headers = [basic_auth("prometheus", f"guess {i}")["Authorization"] for i in range(3)]
+    with ThreadPoolExecutor(3) as pool:
+        held = [pool.submit(auth.verdict, users, h) for h in headers]
+        wait_for("three checks in flight", lambda: auth._pending == 3)
+        started = time.monotonic()
+        assert auth.verdict(users, basic_auth("prometheus", "4th")["Authorization"]).name == "BUSY"
+        assert time.monotonic() - started < 1  # not queued behind the others
+        # The same credentials as one in flight share its bcrypt instead of taking a place.
+        twin = pool.submit(auth.verdict, users, headers[0])
+        release.set()
+        assert [f.result().name for f in [*held, twin]] == ["DENIED"] * 4
 
 
 # --- a real agent -------------------------------------------------------------------------
@@ -432,3 +538,50 @@ def test_threads_do_not_pile_up_on_silent_clients(agents: Agents) -> None:
         "the handler threads to end",
         lambda: agent.stats().threads <= baseline + _Server.workers + 1,
     )
+
+
+# --- files that are not regular files (issue 16) -----------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["cert_file", "key_file", "client_ca_file"])
+def test_a_fifo_as_a_tls_file_is_refused_at_start(pki: Pki, tmp_path: Path, key: str) -> None:
+    """OpenSSL opened a FIFO and waited for a writer forever: the agent hung at start."""
+    fifo = tmp_path / "fifo.pem"
+    os.mkfifo(fifo)
+    files = {"cert_file": pki.server_cert, "key_file": pki.server_key}
+    text = (
+        f"tls_server_config:\n  cert_file: {files['cert_file']}\n  key_file: {files['key_file']}\n"
+    )
+    if key == "client_ca_file":
+        text += f"  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {fifo}\n"
+    else:
+        text = text.replace(str(files[key]), str(fifo))
+    web = write(tmp_path, text)
+    argv = [sys.executable, "-m", "auditd", "run", "--web.config.file", str(web)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 2, proc.stderr
+    [line] = proc.stderr.splitlines()
+    assert f"tls_server_config.{'cert_file' if key != 'client_ca_file' else key}" in line
+    assert f"{fifo}: cannot read: not a regular file" in line
+
+
+def test_a_fifo_on_reload_is_logged_and_the_old_config_kept(
+    agents: Agents, pki: Pki, tmp_path: Path
+) -> None:
+    web = write(tmp_path, tls_config(pki))
+    good = {"context": client_context(pki), "headers": basic_auth("prometheus", PASSWORD)}
+    agent = agents.start("--web.config.file", str(web), scheme="https", scrape_kwargs=good)
+    fifo = tmp_path / "fifo.key"
+    os.mkfifo(fifo)
+    web.write_text(tls_config(pki).replace(str(pki.server_key), str(fifo)))
+    agent.proc.send_signal(signal.SIGHUP)
+    failed = wait_for(
+        "the failed reload in the log",
+        lambda: [x for x in agent.log() if x["msg"].startswith("reload failed")],
+    )
+    assert f"{fifo}: cannot read: not a regular file" in failed[0]["error"]
+    scrape = agent.scrape(**good)  # the main loop is not blocked, the old TLS config serves
+    assert scrape.errors("config") == 1
+    agent.proc.send_signal(signal.SIGHUP)  # and it keeps answering SIGHUPs
+    wait_for("a second answer", lambda: len([x for x in agent.log() if "reload" in x["msg"]]) >= 2)
+    assert agent.stop() == 0
