@@ -106,6 +106,16 @@ def _connections(text: str) -> int:
     return value
 
 
+def _duration(text: str) -> float:
+    try:
+        value = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1s")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Find TCP connections at risk of going half-open.")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -137,6 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check-config", help="validate a rules file")
     c.add_argument("file", metavar="FILE")
+
+    w = sub.add_parser("watch", help="print each connection the kernel aborts, as it happens")
+    w.add_argument("--config", metavar="FILE", help=default_help)
+    w.add_argument("--format", choices=("table", "json"), default="table")
+    w.add_argument("--netns", choices=NETNS_CHOICES, default="self", help=NETNS_HELP)
+    w.add_argument(
+        "--interval",
+        type=_duration,
+        default=10.0,
+        metavar="DURATION",
+        help="time between the audits aborts are matched against (default 10s)",
+    )
 
     r = sub.add_parser("run", help="run the agent: audit periodically, serve /metrics")
     r.add_argument(
@@ -358,7 +380,14 @@ COMMANDS = {
     "explain": cmd_explain,
     "check-config": cmd_check_config,
     "run": cmd_run,
+    "watch": lambda args: _watch(args),
 }
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from auditd.watch import cmd_watch
+
+    return cmd_watch(args)
 
 
 def main(

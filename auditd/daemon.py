@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from auditd import __version__, logs
+from auditd.abort_metrics import AbortCollector
 from auditd.audit.run import DEFAULT_MAX_FINDINGS, AuditResult, audit, inspection_error
 from auditd.config import (
     ConfigError,
@@ -28,7 +29,8 @@ from auditd.config import (
     load_web_config,
 )
 from auditd.errors import AuditdError, KernelError
-from auditd.exporter import ExporterState
+from auditd.events import AbortWatch
+from auditd.exporter import ExporterState, rule_names
 from auditd.findlog import FindingLog
 from auditd.http import MetricsServer
 from auditd.httpserver import MAX_CONNECTIONS
@@ -113,6 +115,7 @@ class Daemon:
         self._inspection_error: str | None = None
         self.iterators = Iterators()  # loaded on the first audit, kept; retried until they load
         self._bpf_note: str | None = None
+        self.aborts = AbortWatch(log)  # the kernel's abort events: a thread of its own
 
     # -- state -------------------------------------------------------------------------
     def get_state(self) -> ExporterState:
@@ -202,6 +205,7 @@ class Daemon:
         self._count_skipped(result)
         self._note_inspection(inspection_error(result.namespaces))
         self._update(result=result, last_success=started)
+        self.aborts.update(result, tuple(rule_names(rules)))
         self.audits += 1
         try:
             self._log_changes(result)
@@ -406,6 +410,8 @@ class Daemon:
             self.options.listen, self.options.telemetry_path, self.get_state, self.log, self.web,
             max_connections=self.options.max_connections,
         )  # fmt: skip
+        self.server.registry.register(AbortCollector(lambda: self.aborts.state))
+        self.aborts.start()
         listening = self._listen()
         next_try = time.monotonic() + self._retry
         self._worker = threading.Thread(target=self._audit_thread, name="audit", daemon=True)
@@ -424,5 +430,6 @@ class Daemon:
         self.stop_event.set()
         self.notifier.stopping()
         self.wake.set()
+        self.aborts.stop()
         self.server.stop()
         self.log.info("stopped")

@@ -1,0 +1,61 @@
+"""Prometheus families of the abort events. Translates an ``AbortState`` only.
+
+Label values come from small known sets: the namespaces of the last audit (and ``unknown``
+for an abort no audit saw), the five reasons, the configured rules (and ``unknown``), and
+``predicted`` true or false. Every combination for the current namespaces is exported, 0
+until it happens, so ``increase()`` sees the first abort; a series that counted something
+stays, as counters do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from auditd.abort_records import UNKNOWN
+from auditd.aborts import Reason
+from auditd.events import AbortState
+
+
+class AbortCollector(Collector):
+    def __init__(self, get_state: Callable[[], AbortState]) -> None:
+        self._get_state = get_state
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        state = self._get_state()
+        aborts = CounterMetricFamily(
+            "keepalive_connection_aborts",
+            "TCP connections the kernel aborted since the agent started (tracepoints), by "
+            "namespace, reason (keepalive_timeout, retransmit_timeout, user_timeout, "
+            "peer_reset, unreachable), the rule of the finding open for it, and whether one "
+            "was (predicted); netns and rule are unknown when no audit had flagged it.",
+            labels=["netns", "reason", "rule", "predicted"],
+        )
+        counts = dict(state.counts)
+        for netns in (*state.namespaces, UNKNOWN):
+            for reason in Reason:
+                counts.setdefault((netns, reason.value, UNKNOWN, "false"), 0)
+                for rule in state.rules if netns != UNKNOWN else ():
+                    counts.setdefault((netns, reason.value, rule, "true"), 0)
+        for key in sorted(counts):
+            aborts.add_metric(list(key), counts[key])
+        yield aborts
+        lost = CounterMetricFamily(
+            "keepalive_events_lost",
+            "Tracepoint events the kernel dropped because the agent's ring buffer was full "
+            "(perf PERF_RECORD_LOST): aborts may be missing from the count.",
+        )
+        lost.add_metric([], state.lost)
+        yield lost
+        up = GaugeMetricFamily(
+            "keepalive_events_up",
+            "1 while the agent reads the kernel's abort events, 0 when it cannot "
+            "(no CAP_PERFMON, no tracepoints: see the log).",
+        )
+        up.add_metric([], 0 if state.error is not None else 1)
+        yield up

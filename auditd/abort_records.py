@@ -1,0 +1,150 @@
+"""Aborts made readable: matched against the last audit, classified, given an owner. Pure.
+
+An abort event knows its 4-tuple only. ``AbortIndex`` remembers, from the audits, the
+connections a finding was open for (by local and remote address): their namespace, owner,
+rule, and when a finding was first reported. An abort that matches one was ``predicted``.
+A connection that left the audit is kept until the end of the audit that no longer saw it:
+the one the abort itself may have emptied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+from auditd.aborts import KernelAbort, Reason, classify
+from auditd.audit.run import AuditResult
+from auditd.model import Finding, SocketOptions, Sysctls, state_label
+
+UNKNOWN = "unknown"  # netns or rule of an abort no audit had seen
+
+
+@dataclass(frozen=True, slots=True)
+class Known:
+    """A flagged connection of the last audits."""
+
+    netns: str
+    rule: str
+    kind: str  # the worst finding's kind
+    first_reported: float  # unix time of the audit that first reported it
+    pid: int | None = None
+    process: str | None = None
+    unit: str | None = None
+    container: str | None = None
+    inode: int | None = None
+    probes: int | None = None
+    until: float | None = None  # set once an audit no longer saw it: valid until then
+
+
+def _known(f: Finding, when: float) -> Known:
+    return Known(
+        f.netns, f.rule, f.kind, when, f.pid, f.process, f.unit, f.container, f.inode, f.probes
+    )
+
+
+class AbortIndex:
+    """Flagged connections by (local, remote), rebuilt from each audit, first report kept."""
+
+    def __init__(self) -> None:
+        self.known: dict[tuple[str, str], Known] = {}
+        self.sysctls: dict[str, Sysctls] = {}
+        self.namespaces: tuple[str, ...] = ()
+        self.rules: tuple[str, ...] = ()
+
+    def update(self, result: AuditResult) -> None:
+        when, end = result.generated_at, result.generated_at + result.duration_seconds
+        seen: dict[tuple[str, str], Known] = {}
+        for f in _socket_findings(result.findings):
+            key = (f.local or "", f.remote or "")
+            before = self.known.get(key)
+            first = before.first_reported if before is not None and before.until is None else when
+            if key not in seen:  # findings come worst first: the first one names the kind
+                seen[key] = _known(f, first)
+        for key, old in self.known.items():
+            if key not in seen and old.until is None:
+                seen[key] = replace(old, until=end)  # the abort may be why it is gone
+        self.known = seen
+        self.sysctls = {ns.netns: ns.sysctls for ns in result.namespaces}
+        self.namespaces = tuple(ns.netns for ns in result.namespaces)
+
+    def find(self, local: str, remote: str, when: float) -> Known | None:
+        known = self.known.get((local, remote))
+        if known is None or (known.until is not None and when > known.until):
+            return None
+        return known
+
+
+def _socket_findings(findings: Iterable[Finding]) -> Iterable[Finding]:
+    return (f for f in findings if f.local is not None and f.remote is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class AbortRecord:
+    """One connection the kernel gave up on (the JSON of ``watch``, the agent's log line)."""
+
+    time: float  # unix time of the abort
+    netns: str
+    local: str
+    remote: str
+    reason: Reason
+    state: str  # the state it was in
+    errno: int
+    predicted: bool  # a finding was open for it
+    rule: str
+    retransmits: int
+    probes: int | None = None
+    reported_seconds_before: float | None = None  # abort time - first report
+    finding: str | None = None  # kind of the finding that was open
+    keepalive: bool | None = None  # the socket's settings (``settings`` says whose)
+    keepidle: int | None = None
+    keepintvl: int | None = None
+    keepcnt: int | None = None
+    user_timeout_ms: int | None = None
+    settings: str | None = None  # "socket" (read at the abort), "netns" (its sysctls), None
+    pid: int | None = None
+    process: str | None = None
+    unit: str | None = None
+    container: str | None = None
+    cookie: int | None = None
+
+
+def _settings(
+    options: SocketOptions | None, sysctls: Sysctls | None
+) -> tuple[str | None, dict[str, int | bool | None]]:
+    if options is not None:
+        return "socket", {"keepalive": options.keepalive, "keepidle": options.idle,
+                          "keepintvl": options.intvl, "keepcnt": options.cnt,
+                          "user_timeout_ms": options.user_timeout_ms}  # fmt: skip
+    if sysctls is not None:  # what a socket that set nothing of its own uses
+        return "netns", {"keepidle": sysctls.keepalive_time, "keepintvl": sysctls.keepalive_intvl,
+                         "keepcnt": sysctls.keepalive_probes}  # fmt: skip
+    return None, {}
+
+
+def make_record(
+    abort: KernelAbort, when: float, known: Known | None,
+    options: SocketOptions | None = None, sysctls: Sysctls | None = None,
+) -> AbortRecord | None:  # fmt: skip
+    """The record of ``abort`` at unix time ``when``; None if it is not a kernel abort."""
+    user_timeout = options.user_timeout_ms if options is not None else None
+    keepalive_rst = abort.keepalive_rst
+    if keepalive_rst is None:  # no RST reason on this kernel: a keepalive abort retransmits nothing
+        keepalive_rst = abort.retransmits == 0
+    reason = classify(abort.error, keepalive_rst, abort.peer_rst, user_timeout)
+    if reason is None:
+        return None
+    source, values = _settings(options, sysctls)
+    probes = known.probes if known is not None else None
+    if reason is Reason.KEEPALIVE_TIMEOUT and isinstance(values.get("keepcnt"), int):
+        probes = int(values["keepcnt"])  # type: ignore[arg-type]  # it gives up after keepcnt
+    record = AbortRecord(
+        when, known.netns if known else UNKNOWN, abort.local, abort.remote, reason,
+        state_label(abort.state), abort.error, known is not None,
+        known.rule if known else UNKNOWN, abort.retransmits, probes,
+        round(when - known.first_reported, 3) if known else None, known.kind if known else None,
+        settings=source, cookie=abort.cookie,
+    )  # fmt: skip
+    if known is not None:
+        record = replace(record, pid=known.pid, process=known.process, unit=known.unit,
+                         container=known.container)  # fmt: skip
+    return replace(record, **values)  # type: ignore[arg-type]

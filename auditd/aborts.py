@@ -1,0 +1,139 @@
+"""From tracepoint events to aborts: which connection the kernel gave up on, and why. Pure.
+
+``Correlator`` folds the events of one abort (they run on one CPU in one context, so they
+arrive in order: shared/KERNEL.md) into a ``KernelAbort``: the optional RST reason or
+received RST and the state change to CLOSE are remembered per 4-tuple until the error report
+that ends every abort (``tcp_done_with_error``) commits them. An error report without the
+state change is a connect() that failed in SYN_SENT; ECONNRESET without a received RST is a
+local reset (``tcp_disconnect``, SO_LINGER 0): neither is an abort of the kernel's.
+``classify`` names the reason from what was seen and the socket's settings.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections import OrderedDict
+from dataclasses import dataclass
+from enum import Enum
+
+from auditd.kernel.events import Kind, TraceEvent
+
+
+class Reason(str, Enum):
+    """Exact ``reason`` strings (JSON, logs, the metric label)."""
+
+    KEEPALIVE_TIMEOUT = "keepalive_timeout"
+    RETRANSMIT_TIMEOUT = "retransmit_timeout"
+    USER_TIMEOUT = "user_timeout"
+    PEER_RESET = "peer_reset"
+    UNREACHABLE = "unreachable"
+
+
+UNREACHABLE_ERRORS = frozenset((errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN))
+
+
+def classify(
+    error: int, keepalive_rst: bool | None, peer_rst: bool, user_timeout_ms: int | None
+) -> Reason | None:
+    """The reason of an abort, or None when it is not one the kernel decided.
+
+    ``keepalive_rst``: the keepalive timer sent its RST (None: the kernel cannot say, before
+    6.10; the caller passes "no retransmission seen" instead). With TCP_USER_TIMEOUT set,
+    both timers give up on it instead of their own bounds (tcp_keepalive_timer,
+    tcp_write_timeout in net/ipv4/tcp_timer.c): that is ``user_timeout``.
+    """
+    if error == errno.ECONNRESET:
+        return Reason.PEER_RESET if peer_rst else None
+    if error in UNREACHABLE_ERRORS:
+        return Reason.UNREACHABLE
+    if error != errno.ETIMEDOUT:
+        return None
+    if user_timeout_ms:
+        return Reason.USER_TIMEOUT
+    return Reason.KEEPALIVE_TIMEOUT if keepalive_rst else Reason.RETRANSMIT_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
+class KernelAbort:
+    """One abort as the kernel's events tell it: no namespace, no owner yet."""
+
+    time_ns: int  # CLOCK_MONOTONIC of the error report
+    local: str
+    remote: str
+    error: int
+    state: int  # the TCP state the connection left for CLOSE
+    keepalive_rst: bool | None
+    peer_rst: bool
+    cookie: int | None  # sock_cookie of the received RST (= sock_diag's idiag_cookie)
+    retransmits: int  # tcp_retransmit_skb events seen for it
+
+
+@dataclass(slots=True)
+class _Pending:
+    time_ns: int
+    keepalive_rst: bool = False
+    cookie: int | None = None
+    state: int | None = None
+    retransmits: int = 0
+
+
+# The events of one abort come within microseconds; a half-seen one older than this is stale.
+WINDOW_NS = 2_000_000_000
+
+
+class Correlator:
+    """Feed it TraceEvents in order; it returns a KernelAbort when one completes.
+
+    Memory is bounded: at most ``max_tuples`` connections with retransmissions counted and
+    ``max_pending`` half-seen aborts (refused connects leave received RSTs behind), the
+    oldest forgotten first.
+    """
+
+    def __init__(
+        self, keepalive_rst_known: bool = True, max_pending: int = 4096, max_tuples: int = 16384
+    ) -> None:
+        self.keepalive_rst_known = keepalive_rst_known
+        self.max_pending, self.max_tuples = max_pending, max_tuples
+        self._pending: OrderedDict[tuple[str, str], _Pending] = OrderedDict()
+        self._retransmits: OrderedDict[tuple[str, str], int] = OrderedDict()
+
+    def _entry(self, key: tuple[str, str], time_ns: int) -> _Pending:
+        entry = self._pending.get(key)
+        if entry is None or time_ns - entry.time_ns > WINDOW_NS:
+            entry = self._pending[key] = _Pending(time_ns)
+            if len(self._pending) > self.max_pending:
+                self._pending.popitem(last=False)
+        return entry
+
+    def feed(self, event: TraceEvent) -> KernelAbort | None:
+        key = (event.local, event.remote)
+        if event.kind is Kind.RETRANSMIT:
+            self._retransmits[key] = self._retransmits.pop(key, 0) + 1
+            if len(self._retransmits) > self.max_tuples:
+                self._retransmits.popitem(last=False)
+        elif event.kind is Kind.SEND_RESET:
+            self._entry(key, event.time_ns).keepalive_rst = True
+        elif event.kind is Kind.RECEIVE_RESET:
+            self._entry(key, event.time_ns).cookie = event.cookie
+        elif event.kind is Kind.SET_STATE:
+            entry = self._entry(key, event.time_ns)
+            entry.state = event.oldstate
+            entry.retransmits = self._retransmits.pop(key, 0)
+        elif event.kind is Kind.ERROR_REPORT:
+            return self._commit(key, event)
+        return None
+
+    def _commit(self, key: tuple[str, str], event: TraceEvent) -> KernelAbort | None:
+        entry = self._pending.pop(key, None)
+        if entry is None or entry.state is None or event.time_ns - entry.time_ns > WINDOW_NS:
+            return None  # no state change to CLOSE from an established state: not an abort
+        peer_rst = entry.cookie is not None
+        if event.error == errno.ECONNRESET and not peer_rst:
+            return None
+        keepalive_rst: bool | None = entry.keepalive_rst
+        if not self.keepalive_rst_known:
+            keepalive_rst = None
+        return KernelAbort(
+            event.time_ns, event.local, event.remote, event.error, entry.state,
+            keepalive_rst, peer_rst, entry.cookie, entry.retransmits,
+        )  # fmt: skip
