@@ -1,10 +1,11 @@
 """Prometheus families of the abort events. Translates an ``AbortState`` only.
 
-Label values come from small known sets: the namespaces of the last audit (and ``unknown``
-for an abort no audit saw), the five reasons, the configured rules (and ``unknown``), and
-``predicted`` true or false. Every combination for the current namespaces is exported, 0
-until it happens, so ``increase()`` sees the first abort; a series that counted something
-stays, as counters do.
+Label values come from small known sets: the namespaces of the audits (and ``unknown`` for
+an abort no audit had flagged), the five reasons, the configured rules (and ``unknown``), and
+``predicted`` true or false. Like the findings (auditd.exporter), a namespace or rule costs
+series only once something happened there: counts that are nonzero, plus a 0 for each reason
+on the host (rule ``default`` predicted, ``unknown`` not) and in ``unknown``, so
+``increase()`` sees the first abort where most happen; a series that counted stays.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from prometheus_client.registry import Collector
 
 from auditd.abort_records import UNKNOWN
 from auditd.aborts import Reason
+from auditd.audit.evaluate import DEFAULT_RULE
+from auditd.audit.run import HOST_NETNS
 from auditd.events import AbortState
 
 
@@ -37,11 +40,11 @@ class AbortCollector(Collector):
             labels=["netns", "reason", "rule", "predicted"],
         )
         counts = dict(state.counts)
-        for netns in (*state.namespaces, UNKNOWN):
-            for reason in Reason:
-                counts.setdefault((netns, reason.value, UNKNOWN, "false"), 0)
-                for rule in state.rules if netns != UNKNOWN else ():
-                    counts.setdefault((netns, reason.value, rule, "true"), 0)
+        for reason in Reason:
+            counts.setdefault((UNKNOWN, reason.value, UNKNOWN, "false"), 0)
+            if HOST_NETNS in state.namespaces:
+                counts.setdefault((HOST_NETNS, reason.value, DEFAULT_RULE, "true"), 0)
+                counts.setdefault((HOST_NETNS, reason.value, UNKNOWN, "false"), 0)
         for key in sorted(counts):
             aborts.add_metric(list(key), counts[key])
         yield aborts

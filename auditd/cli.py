@@ -375,19 +375,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    from auditd import watch
+
+    return watch.cmd_watch(args)
+
+
 COMMANDS = {
     "audit": cmd_audit,
     "explain": cmd_explain,
     "check-config": cmd_check_config,
     "run": cmd_run,
-    "watch": lambda args: _watch(args),
+    "watch": cmd_watch,
 }
-
-
-def _watch(args: argparse.Namespace) -> int:
-    from auditd.watch import cmd_watch
-
-    return cmd_watch(args)
 
 
 def main(

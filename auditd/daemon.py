@@ -30,7 +30,7 @@ from auditd.config import (
 )
 from auditd.errors import AuditdError, KernelError
 from auditd.events import AbortWatch
-from auditd.exporter import ExporterState, rule_names
+from auditd.exporter import ExporterState
 from auditd.findlog import FindingLog
 from auditd.http import MetricsServer
 from auditd.httpserver import MAX_CONNECTIONS
@@ -205,7 +205,7 @@ class Daemon:
         self._count_skipped(result)
         self._note_inspection(inspection_error(result.namespaces))
         self._update(result=result, last_success=started)
-        self.aborts.update(result, tuple(rule_names(rules)))
+        self.aborts.update(result)
         self.audits += 1
         try:
             self._log_changes(result)

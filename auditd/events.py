@@ -76,7 +76,6 @@ class AbortState:
     counts: dict[Labels, int] = field(default_factory=dict)
     lost: int = 0
     namespaces: tuple[str, ...] = ()
-    rules: tuple[str, ...] = ()
     error: str | None = None  # why events are off, None while they are read
 
 
@@ -124,7 +123,6 @@ class AbortWatch:
         self.fold = LogFold()
         self._pipeline: AbortPipeline | None = None
         self._last: AuditResult | None = None
-        self._rules: tuple[str, ...] = ()
         self._lock = threading.Lock()  # the pipeline's index: audit thread vs event thread
         self._state_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -138,19 +136,19 @@ class AbortWatch:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def update(self, result: AuditResult, rules: tuple[str, ...]) -> None:
-        """After each audit: the connections to match aborts against, the label sets."""
+    def update(self, result: AuditResult) -> None:
+        """After each audit: the connections to match aborts against, the namespaces."""
         with self._lock:
-            self._last, self._rules = result, rules
+            self._last = result
             if self._pipeline is not None:
                 self._pipeline.index.update(result)
-            self._set(namespaces=tuple(ns.netns for ns in result.namespaces), rules=rules)
+            self._set(namespaces=tuple(ns.netns for ns in result.namespaces))
 
     def _set(self, **changes: object) -> None:
         with self._state_lock:
             s = self.state
             values = {"counts": s.counts, "lost": s.lost, "namespaces": s.namespaces,
-                      "rules": s.rules, "error": s.error, **changes}  # fmt: skip
+                      "error": s.error, **changes}  # fmt: skip
             self.state = AbortState(**values)  # type: ignore[arg-type]
 
     def _add(self, key: Labels | None, lost: int = 0) -> None:
@@ -159,7 +157,7 @@ class AbortWatch:
             if key is not None:
                 counts[key] = counts.get(key, 0) + 1
             s = self.state
-            self.state = AbortState(counts, s.lost + lost, s.namespaces, s.rules, s.error)
+            self.state = AbortState(counts, s.lost + lost, s.namespaces, s.error)
 
     def _run(self) -> None:
         while not self.stop_event.is_set():

@@ -19,7 +19,10 @@ from auditd.abort_records import AbortRecord
 from auditd.audit.run import audit
 from auditd.config import load_rules_or_default
 from auditd.events import READ_TIMEOUT, AbortPipeline, open_pipeline, wall_offset
+from auditd.kernel import LocalKernel
+from auditd.kernel.bpf.exact import BpfAudit, process_iterators
 from auditd.kernel.limits import Problems, observe
+from auditd.kernel.prescan import FdPrescan
 from auditd.report import rfc3339
 
 COLUMNS = ("TIME", "NETNS", "LOCAL", "REMOTE", "REASON", "OWNER", "RULE", "PREDICTED")
@@ -63,18 +66,34 @@ class _Auditor(threading.Thread):
     def run(self) -> None:
         from auditd.cli import PROG, _say
 
+        # Owners as ``audit`` finds them: the BPF iterators when they load, else the
+        # /proc/*/fd scan in a child while the audit dumps.
+        bpf = BpfAudit(process_iterators())
         while not self.stop.is_set():
             try:
-                rules = load_rules_or_default(self.args.config)
-                result = audit(rules, observe(self.args.sources(), Problems()))
-                with self.lock:
-                    self.pipeline.index.update(result)
+                self._audit(bpf)
             except Exception as exc:  # the events go on with the last audit
                 _say(f"{PROG}: note: audit failed, matching against the last one: {exc}")
             if not self.ready.is_set():
                 self.ready.set()
                 _say(f"{PROG}: watching connection aborts (audits every {self.args.interval:g}s)")
             self.stop.wait(self.args.interval)
+
+    def _audit(self, bpf: BpfAudit) -> None:
+        rules = load_rules_or_default(self.args.config)
+        prescan = None if bpf.loaded else FdPrescan.start()
+        try:
+            namespaces = self.args.sources()
+            for _, source in namespaces:
+                if isinstance(source, LocalKernel):  # or NamespaceKernel
+                    source.share(prescan)
+                    source.share_bpf(bpf if bpf.loaded else None)
+            result = audit(rules, observe(namespaces, Problems()))
+        finally:
+            if prescan is not None:
+                prescan.close()
+        with self.lock:
+            self.pipeline.index.update(result)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:

@@ -14,8 +14,10 @@ from pathlib import Path
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from auditd.abort_metrics import AbortCollector
 from auditd.audit.run import IDLE_BUCKETS, AuditResult, NamespaceReport, count_findings
 from auditd.config import Match, Rule, RuleSet
+from auditd.events import AbortState
 from auditd.exporter import ExporterState, make_registry
 from auditd.model import Counters, Finding, Severity, Sysctls
 
@@ -95,7 +97,12 @@ def full_state() -> ExporterState:
 def exposed() -> dict[str, Row]:
     """Metric name (as in the table) -> type and labels, from a rendered exposition."""
     state = full_state()
-    text = generate_latest(make_registry(lambda: state)).decode()
+    registry = make_registry(lambda: state)
+    aborts = AbortState(
+        {("host", "peer_reset", "postgres", "true"): 1}, 0, ("host",), ("postgres",)
+    )
+    registry.register(AbortCollector(lambda: aborts))  # the agent adds it (auditd.daemon)
+    text = generate_latest(registry).decode()
     out: dict[str, Row] = {}
     for family in text_string_to_metric_families(text):
         assert family.samples, f"{family.name}: no samples, so its labels cannot be checked"

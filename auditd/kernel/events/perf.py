@@ -46,7 +46,7 @@ IOC_ENABLE, IOC_DISABLE, IOC_SET_OUTPUT, IOC_SET_FILTER = 0x2400, 0x2401, 0x2405
 _HEAD, _TAIL = 1024, 1032
 RING_PAGES = 64  # per CPU, a power of two: 256 KiB with 4 KiB pages
 
-NEEDS = "needs CAP_PERFMON (or CAP_SYS_ADMIN), or kernel.perf_event_paranoid <= -1"
+NEEDS = "needs CAP_PERFMON or CAP_SYS_ADMIN, or kernel.perf_event_paranoid <= -1"
 
 
 def parse_cpu_list(text: str) -> list[int]:

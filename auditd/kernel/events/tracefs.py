@@ -82,8 +82,16 @@ def _mount_tracefs(path: str) -> None:
 def tracefs_root(dirs: tuple[str, ...] = TRACEFS_DIRS) -> str:
     """The directory holding ``events/``, mounting tracefs at the first place if absent."""
     for path in dirs:
-        if os.path.isdir(os.path.join(path, "events")):
+        try:
+            os.stat(os.path.join(path, "events"))
             return path
+        except PermissionError:  # mounted, root-only (mode 0700): not for this user
+            raise KernelError(
+                f"cannot read tracefs at {path}: permission denied "
+                "(reading tracepoint formats needs root or CAP_DAC_READ_SEARCH)"
+            ) from None
+        except OSError:
+            continue
     if os.path.isdir(dirs[0]):
         _mount_tracefs(dirs[0])
         if os.path.isdir(os.path.join(dirs[0], "events")):
