@@ -12,7 +12,7 @@ from typing import Any
 
 from auditd.audit import hints
 from auditd.audit.evaluate import DEFAULT_RULE
-from auditd.audit.inference import retries2_timeout
+from auditd.audit.inference import probe_cadence, retries2_timeout
 from auditd.audit.run import AuditResult, NamespaceReport
 from auditd.config import RuleSet, Thresholds
 from auditd.model import Finding, Keepalive, Sysctls
@@ -248,10 +248,13 @@ def _needs(t: Thresholds, s: Sysctls, label: str) -> list[str]:
     out = [
         f"  {label}: idle_timeout {t.idle_timeout:g} s, detection_budget {t.detection_budget:g} s"
     ]
-    verdict = "ok" if s.keepalive_time < t.idle_timeout else "TOO SLOW"
+    # After each probe the timer re-arms for keepintvl (inference.probe_cadence).
+    silence = probe_cadence(s.keepalive_time, s.keepalive_intvl)
+    verdict = "ok" if silence <= t.idle_timeout else "TOO SLOW"
     out.append(
-        f"    first keepalive probe must come before {t.idle_timeout:g} s: namespace default "
-        f"tcp_keepalive_time {s.keepalive_time} s: {verdict}"
+        f"    keepalive must leave the path silent at most {t.idle_timeout:g} s: namespace "
+        f"defaults max(tcp_keepalive_time {s.keepalive_time}, tcp_keepalive_intvl "
+        f"{s.keepalive_intvl}) = {silence:g} s: {verdict}"
     )
     verdict = "ok" if ka_detect <= t.detection_budget else "OVER BUDGET"
     out.append(

@@ -584,7 +584,9 @@ def test_findings_beyond_the_limit_are_counted_and_not_logged() -> None:
     assert lines[0]["findings"] == 50 + 2  # and the two detection_budget findings
 
 
-def test_owner_scan_runs_in_a_child_for_the_first_audit(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_owner_scan_runs_in_a_child_for_the_first_audit(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """The first audit (cold caches) scans /proc in a child process; the next ones re-check
     the owners they know and scan in-process."""
     import io
@@ -609,11 +611,19 @@ def test_owner_scan_runs_in_a_child_for_the_first_audit(monkeypatch: pytest.Monk
         client.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # 7200 s: too slow
         client.connect(srv.getsockname())
         server_end, _ = srv.accept()
+        rules = tmp_path / "rules.yaml"
+        port = srv.getsockname()[1]  # a 2 s idle timeout for ours only, critical so that
+        rules.write_text(  # the host's other sockets never push it out of the findings listed
+            f"version: 1\nrules:\n  - name: ours\n    match: {{remote_ports: [{port}]}}\n"
+            "    idle_timeout: 2s\n    warn_at: 0.5\n    severity: critical\n"
+        )
         with server_end:
-            daemon = Daemon(DaemonOptions(None), lambda: [("host", LocalKernel())],
+            daemon = Daemon(DaemonOptions(str(rules)), lambda: [("host", LocalKernel())],
                             logs.setup("info", "json", io.StringIO()))  # fmt: skip
             # Without BPF: with the owner iterator loaded no child is started at all.
             daemon.iterators = Iterators(directory="/nonexistent")
+            daemon.load_initial_config()
+            time.sleep(1.2)  # too slow once the path has been idle warn_at × idle_timeout
             first = daemon.audit_once()
             assert first is not None and len(children) == 1 and children[0] is not None
             local = f"127.0.0.1:{client.getsockname()[1]}"

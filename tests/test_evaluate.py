@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ from helpers import make_sock, rule, ruleset, sysctls
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from auditd.audit import hints
 from auditd.audit.evaluate import (
     budget_findings,
     could_flag,
@@ -97,10 +99,12 @@ def test_idle_without_keepalive_outside_established_is_not_flagged(state: TcpSta
 @pytest.mark.parametrize(
     ("recv_idle_ms", "expires_ms", "flagged"),
     [
-        (10_000, 7_190_000, True),  # bound 7200 s > 350 s: the namespace default is too slow
-        (10_000, 290_000, False),  # bound 300 s < 350 s
-        (50_000, 300_000, False),  # bound exactly 350 s is not later than the idle timeout
-        (50_000, 300_001, True),
+        (200_000, 7_000_000, True),  # armed for 7200 s: the namespace default is too slow
+        (200_000, 100_000, False),  # bound 300 s < 350 s
+        (200_000, 150_000, False),  # bound exactly 350 s is not later than the idle timeout
+        (200_000, 150_001, True),
+        (10_000, 7_190_000, False),  # the path idle 10 s: kept busy (heartbeats), not at risk
+        (175_000, 7_025_000, True),  # idle warn_at × idle_timeout: judged
     ],
 )
 def test_keepalive_too_slow(recv_idle_ms: int, expires_ms: int, flagged: bool) -> None:
@@ -111,16 +115,60 @@ def test_keepalive_too_slow(recv_idle_ms: int, expires_ms: int, flagged: bool) -
 
 
 def test_keepalive_too_slow_names_the_cause() -> None:
-    on_default = make_sock(timer=2, expires_ms=7_190_000, idle_s=10)
+    on_default = make_sock(timer=2, expires_ms=7_000_000, idle_s=200)
     (f,) = findings(on_default)
     assert f.keepalive == Keepalive.ON
-    assert "at least 7200 s" in f.message and "tcp_keepalive_time=7200" in f.message
-    assert "net.ipv4.tcp_keepalive_time=280" in f.hint  # suggest_keepidle(350)
+    assert "up to 7200 s" in f.message and "tcp_keepalive_time=7200" in f.message
+    assert "net.ipv4.tcp_keepalive_time=280 net.ipv4.tcp_keepalive_intvl=75" in f.hint
 
-    # Namespace at 300 s, but the timer proves 600 s: the socket sets its own TCP_KEEPIDLE.
-    own = make_sock(timer=2, expires_ms=590_000, idle_s=10)
+    # Namespace at 300 s, but the timer proves 600 s: the socket sets its own value.
+    own = make_sock(timer=2, expires_ms=400_000, idle_s=200)
     (f,) = findings(own, s=sysctls(tcp_keepalive_time=300))
-    assert "sets its own TCP_KEEPIDLE" in f.message
+    assert "at least 600 s" in f.message
+    assert "sets its own TCP_KEEPIDLE or TCP_KEEPINTVL" in f.message
+    assert "sysctl -w" not in f.hint
+
+
+# The case: a 20 s idle timeout, tcp_keepalive_time 10 s but tcp_keepalive_intvl 75 s.
+# After the first probe the timer re-arms for 75 s: idle 23.5 s with the next probe 51 s away.
+IDLE_20 = ruleset(defaults=Thresholds(idle_timeout=20))
+INTVL_75 = sysctls(tcp_keepalive_time=10, tcp_keepalive_intvl=75)
+AFTER_PROBE = make_sock(timer=2, expires_ms=51_000, idle_s=23.5)
+
+
+def test_the_interval_is_the_cause_inferred() -> None:
+    (f,) = findings(AFTER_PROBE, IDLE_20, s=INTVL_75)
+    assert f.kind == "keepalive_too_slow"
+    assert "up to 75 s" in f.message and "tcp_keepalive_intvl=75" in f.message
+    assert "re-arms the timer for keepintvl" in f.message
+    idle, intvl = (int(v) for v in re.findall(
+        r"tcp_keepalive_time=(\d+) net\.ipv4\.tcp_keepalive_intvl=(\d+)", f.hint)[0])  # fmt: skip
+    assert max(idle, intvl) < 20  # the hint's values leave no silence past the timeout
+    # The hint applied: a new connection armed for 10 s (before or after its first probe).
+    fixed = sysctls(tcp_keepalive_time=idle, tcp_keepalive_intvl=intvl)
+    for sock in (make_sock(timer=2, expires_ms=(idle - 1) * 1000, idle_s=1),
+                 make_sock(timer=2, expires_ms=(intvl - 1) * 1000, idle_s=1)):  # fmt: skip
+        assert findings(sock, IDLE_20, s=fixed) == []
+
+
+def test_the_interval_is_the_cause_exact() -> None:
+    sock = make_sock(timer=2, expires_ms=51_000, idle_s=23.5)
+    (f,) = with_options(sock, SocketOptions(True, 10, 75, 5), IDLE_20,
+                        s=sysctls(tcp_keepalive_intvl=30))  # fmt: skip
+    assert "TCP_KEEPINTVL is 75 s" in f.message and "the socket's own value" in f.message
+    assert "sets its own TCP_KEEPINTVL, so the sysctls do not apply" in f.hint
+    (f,) = with_options(sock, SocketOptions(True, 10, 75, 5), IDLE_20, s=INTVL_75)
+    assert "equal to the namespace default tcp_keepalive_intvl=75" in f.message
+    assert with_options(sock, SocketOptions(True, 10, 10, 5), IDLE_20, s=INTVL_75) == []
+
+
+def test_suggested_keepalive_never_leaves_the_path_idle_past_the_timeout() -> None:
+    for timeout in (1, 4, 20, 60, 240, 350, 1200, 7200):
+        for budget in (5, 20, 100, 900, 7875):
+            idle, intvl, _cnt = hints.suggest_keepalive(
+                Thresholds(idle_timeout=timeout, detection_budget=budget)
+            )
+            assert max(idle, intvl) < timeout or timeout <= 1, (timeout, budget)
 
 
 @pytest.mark.parametrize(("probes", "severity"), [(1, "warning"), (2, "critical"), (5, "critical")])
@@ -446,7 +494,8 @@ def test_loosest_takes_the_minimum_of_each_threshold() -> None:
         (make_sock(timer=1, retrans=3), True),
         (make_sock(timer=4, retrans=2), False),
         (make_sock(timer=2, retrans=1), True),
-        (make_sock(timer=2, expires_ms=7_000_000), True),
+        (make_sock(timer=2, expires_ms=7_000_000, idle_s=175), True),
+        (make_sock(timer=2, expires_ms=7_000_000), False),  # traffic now: not at risk
         (make_sock(timer=2, expires_ms=300_000), False),
         (make_sock(state=TcpState.CLOSE_WAIT, idle_s=60), True),
         (make_sock(state=TcpState.CLOSE_WAIT, idle_s=59), False),
@@ -584,21 +633,25 @@ def with_options(sock: Sock, options: SocketOptions, rules: RuleSet = DEFAULTS,
     return socket_findings(rules, sock, process, s or sysctls(), NS, options)
 
 
-def test_too_slow_from_the_socket_own_keepidle_even_while_busy() -> None:
-    assert findings(BUSY) == []  # inferred: unknown, nothing to say
-    (f,) = with_options(BUSY, SLOW)
+def test_too_slow_from_the_socket_own_options() -> None:
+    hidden = make_sock(timer=5, idle_s=400)  # delayed-ACK timer: keepalive status hidden
+    assert findings(hidden) == []  # inferred: unknown, nothing to say
+    (f,) = with_options(hidden, SLOW)
     assert (f.kind, f.keepalive) == ("keepalive_too_slow", "on")
-    assert "its first probe comes 7200 s after the last segment received" in f.message
-    assert "namespace default" in f.message and "sysctl -w net.ipv4.tcp_keepalive_time" in f.hint
-    (own,) = with_options(BUSY, SocketOptions(True, 3600, 75, 9), process=PG)
-    assert "TCP_KEEPIDLE the socket sets itself" in own.message
-    assert "sysctl -w" not in own.hint and "PostgreSQL: tcp_keepalives_idle" in own.hint
-    assert with_options(BUSY, SocketOptions(True, 300, 30, 5)) == []  # fits 350 s
+    assert "up to 7200 s" in f.message
+    assert "TCP_KEEPIDLE 7200 s, equal to the namespace default tcp_keepalive_time=7200: the " \
+        "socket's own value or the default" in f.message  # fmt: skip
+    assert "sysctl -w net.ipv4.tcp_keepalive_time" in f.hint
+    (own,) = with_options(hidden, SocketOptions(True, 3600, 75, 9), process=PG)
+    assert "TCP_KEEPIDLE 3600 s, the socket's own value" in own.message
+    assert "sysctl -w" not in own.hint and "PostgreSQL: tcp_keepalives_idle = 280" in own.hint
+    assert with_options(hidden, SocketOptions(True, 300, 30, 5)) == []  # fits 350 s
+    assert with_options(BUSY, SLOW) == []  # data in flight keeps the path busy
 
 
 def test_exact_keepidle_beats_the_timer_bound() -> None:
     # Timer bound 400 s (keepalive enabled after the last segment): inferred too slow...
-    sock = make_sock(timer=2, expires_ms=390_000, idle_s=10)
+    sock = make_sock(timer=2, expires_ms=200_000, idle_s=200)
     assert kinds(findings(sock)) == [("keepalive_too_slow", "warning")]
     # ...but the socket's TCP_KEEPIDLE is 300 s: fine.
     assert with_options(sock, SocketOptions(True, 300, 30, 5)) == []
@@ -640,7 +693,7 @@ def test_user_timeout_too_short(options: SocketOptions, expected: int | None) ->
 @pytest.mark.parametrize(
     ("process", "port", "knob"),
     [
-        ("postgres", 0, "PostgreSQL: tcp_user_timeout in postgresql.conf"),
+        ("postgres", 0, "PostgreSQL: tcp_user_timeout (ms) in postgresql.conf"),
         ("python3", 5432, "libpq: tcp_user_timeout=<ms> in the connection string"),
         ("haproxy", 0, "HAProxy: tcp-ut <delay>"),
         ("redis-server", 0, "setsockopt(IPPROTO_TCP, TCP_USER_TIMEOUT, ms)"),  # no knob
@@ -685,11 +738,11 @@ def test_conntrack_tighter_than_the_rule() -> None:
 
 
 def test_keepalive_that_cannot_keep_the_conntrack_entry() -> None:
-    sock = make_sock(timer=2, expires_ms=310_000, idle_s=10)  # first probe >= 320 s
+    sock = make_sock(timer=2, expires_ms=120_000, idle_s=200)  # first probe at 320 s
     assert findings(sock) == []
     (f,) = findings(sock, s=CT)
     assert f.kind == "keepalive_too_slow"
-    assert "later than the 300 s idle timeout of this namespace's conntrack" in f.message
+    assert "longer than the 300 s idle timeout of this namespace's conntrack" in f.message
     assert "the rule's idle_timeout is 350 s" in f.message
 
 

@@ -278,10 +278,10 @@ def test_explain_local_middleboxes() -> None:
         ("postgres", "PostgreSQL: tcp_keepalives_idle"),
         ("postmaster", "PostgreSQL"),
         ("redis-server", "Redis: tcp-keepalive"),
-        ("nginx", "nginx: listen ... so_keepalive="),
+        ("nginx", "nginx: clients: listen ... so_keepalive="),
         ("sshd", "OpenSSH server: ClientAliveInterval"),
         ("ssh", "OpenSSH client: ServerAliveInterval"),
-        ("java", "Java: socket.setOption(jdk.net.ExtendedSocketOptions.TCP_KEEPIDLE"),
+        ("java", "Java: socket.setKeepAlive(true)"),
         ("haproxy", "HAProxy"),
         ("grpc_server", "gRPC"),
         ("javac", "in the application: setsockopt SO_KEEPALIVE=1"),  # globs are exact

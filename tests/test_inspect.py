@@ -209,11 +209,10 @@ def test_keepalive_is_known_with_data_in_flight(lab: netlab.Lab, tmp_path: Path)
         "method": "bpf",
         "note": None,
     }
-    # The socket's own TCP_KEEPIDLE, read while data is in flight: too slow for 350 s.
-    (slow,) = exact.findings("keepalive_too_slow", local=f"{client.getsockname()[0]}:"
-                             f"{client.getsockname()[1]}")  # fmt: skip
-    assert "its first probe comes 600 s after" in slow["message"]
-    assert "TCP_KEEPIDLE the socket sets itself" in slow["message"]
+    # Its own TCP_KEEPIDLE of 600 s is read while data is in flight, but the data keeps the
+    # path busy: not keepalive_too_slow (the retransmission timer decides now).
+    local = f"{client.getsockname()[0]}:{client.getsockname()[1]}"
+    assert exact.findings("keepalive_too_slow", local=local) == []
     assert exact.stderr == ""
 
 
@@ -343,11 +342,9 @@ def test_audit_reads_the_sockets_only_inspection_can_tell() -> None:
     assert (report.attribution_wanted, report.attribution_found) == (4, 3)  # inode 1 is off
     assert report.inspection is not None and (report.inspection.wanted, report.inspection.read,
                                               report.inspection.error) == (4, 3, None)  # fmt: skip
-    # The busy socket on the 7200 s default: too slow, named as the namespace default.
-    (slow,) = [f for f in findings if f.inode == 3]
-    assert slow.kind == "keepalive_too_slow" and slow.keepalive == "on"
-    assert "TCP_KEEPIDLE of the socket: the namespace default" in slow.message
-    assert "sysctl -w net.ipv4.tcp_keepalive_time=280" in slow.hint
+    # The busy socket on the 7200 s default: keepalive on, but its traffic keeps the path
+    # busy, so it is not keepalive_too_slow (cadence.py).
+    assert [f for f in findings if f.inode == 3] == []
     hist = report.idle_histogram
     assert sum(hist["on"]) == 2 and sum(hist["unknown"]) == 1 and sum(hist["off"]) == 1
 

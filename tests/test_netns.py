@@ -452,13 +452,23 @@ def test_cli_audits_every_namespace_with_its_own_sysctls(lab: netlab.Lab, tmp_pa
 def test_cli_attributes_sockets_of_every_namespace(lab: netlab.Lab, tmp_path: Path) -> None:
     """One owner scan (socket inodes are global) serves every namespace of --netns all."""
     home, other = lab.netns(), lab.netns()
-    for ns in (home, other):  # keepalive on the 7200 s default: keepalive_too_slow at once
+    ports = []
+    for ns in (home, other):  # keepalive on the 7200 s default: keepalive_too_slow once idle
         listener = ns.listen("127.0.0.1")
+        ports.append(listener.getsockname()[1])
         client = ns.make_socket()
         client.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         client.connect(listener.getsockname())
         ns.adopt(listener.accept()[0])
-    run = home.audit(rules_yaml(tmp_path), "--netns", "all", "--fail-on", "never")
+    # A 2 s idle timeout for our clients only (the host's other sockets keep the defaults),
+    # critical so that the other tests' sockets on the host never push them out of the list.
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        f"version: 1\nrules:\n  - name: ours\n    match: {{remote_ports: {ports}}}\n"
+        "    idle_timeout: 2s\n    warn_at: 0.5\n    severity: critical\n"
+    )
+    time.sleep(1.2)  # the path idle past warn_at × idle_timeout
+    run = home.audit(rules, "--netns", "all", "--fail-on", "never")
     assert run.rc == 0 and run.doc is not None, run.stderr
     names = ("host", other.name)
     slow = [f for f in run.findings() if f["kind"] == "keepalive_too_slow" and f["netns"] in names]

@@ -199,7 +199,7 @@ def test_real_process_named_redis_gets_redis_hint(lab: netlab.Lab, tmp_path: Pat
     (f,) = run.findings("idle_no_keepalive", local=f"127.0.0.1:{port}")
     assert (f["pid"], f["process"]) == (proc.pid, "redis-server")
     assert f["cmdline"].startswith(sys.executable)  # comm renamed, cmdline untouched
-    assert "Redis: tcp-keepalive <seconds> in redis.conf" in f["hint"]
+    assert "Redis: tcp-keepalive 1 in redis.conf" in f["hint"]
     assert f["unit"] == unit_and_container(Path(f"/proc/{proc.pid}/cgroup").read_text())[0]
 
 

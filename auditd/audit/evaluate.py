@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import NamedTuple
 
-from auditd.audit import hints
+from auditd.audit import cadence, hints
 from auditd.audit.inference import (
     KEEPALIVE_STATES,
     abort_in,
@@ -21,6 +21,7 @@ from auditd.audit.inference import (
     keepalive_params,
     keepalive_status,
     path_idle_ms,
+    probe_cadence,
     recv_idle_ms,
     retries2_timeout,
 )
@@ -82,7 +83,9 @@ def could_flag(sock: Sock, t: Thresholds, options: SocketOptions | None = None) 
     if timer == TimerKind.RETRANSMIT or timer == TimerKind.ZERO_WINDOW_PROBE:
         return sock.retrans >= t.retransmit_threshold
     if timer == TimerKind.KEEPALIVE:
-        return sock.retrans > 0 or (recv_idle_ms(sock) + sock.expires_ms) / 1000 > t.idle_timeout
+        # keepalive_too_slow needs the path idle past warn_at × idle_timeout (cadence.py); the
+        # silence itself may come from the namespace's keepintvl, which is judged there.
+        return sock.retrans > 0 or path_idle_ms(sock) / 1000 >= t.warn_at * t.idle_timeout
     if timer == TimerKind.NONE and state == TcpState.ESTABLISHED:
         return path_idle_ms(sock) / 1000 >= t.warn_at * t.idle_timeout
     return False
@@ -97,7 +100,12 @@ def _could_flag_exact(sock: Sock, t: Thresholds, options: SocketOptions) -> bool
         return True
     timer = sock.timer
     if options.keepalive:
-        if user_timeout_too_short(options) or options.idle > t.idle_timeout:
+        if user_timeout_too_short(options):
+            return True
+        if (
+            probe_cadence(options.idle, options.intvl) > t.idle_timeout
+            and path_idle_ms(sock) / 1000 >= t.warn_at * t.idle_timeout
+        ):
             return True
         if timer == TimerKind.KEEPALIVE:
             return sock.retrans > 0
@@ -248,38 +256,16 @@ def judge(
         return hints.recognise(name, sock.dport)
 
     def too_slow() -> None:
-        """keepalive_too_slow, when the first probe comes after the idle timeout."""
-        params = keepalive_params(sock, sysctls, options)
-        bound = params.idle_lower_bound
-        if bound is None or bound <= t.idle_timeout:
+        """keepalive_too_slow: the path idle long enough to matter, and keepalive's silence
+        past the idle timeout (auditd.audit.cadence)."""
+        silence = cadence.too_slow(t, sock, sysctls, options)
+        if silence is None:
             return
 
         def render() -> tuple[str, str, float | None]:
-            on_default: bool | None = None
-            if params.source == "socket":
-                on_default = params.idle == sysctls.keepalive_time
-                first = f"its first probe comes {_fmt_s(bound)} after the last segment received"
-                whose = (
-                    " (TCP_KEEPIDLE of the socket: the namespace default tcp_keepalive_time)"
-                    if on_default
-                    else " (TCP_KEEPIDLE the socket sets itself)"
-                )
-            else:
-                first = (
-                    f"its first probe comes at least {_fmt_s(bound)} after the last segment "
-                    f"received"
-                )
-                whose = (
-                    f" (the namespace default tcp_keepalive_time={sysctls.keepalive_time})"
-                    if params.source == "sysctl"
-                    else " (longer than the namespace default: the socket sets its own "
-                    "TCP_KEEPIDLE, or enabled keepalive after its last segment)"
-                )
-            where = f"idle timeout of {middlebox}" if middlebox else "idle timeout of the path"
             return (
-                f"keepalive is on but {first}, later than the {_fmt_s(t.idle_timeout)} "
-                f"{where}{whose}",
-                hints.too_slow(t, app(), on_default),
+                cadence.message(silence, t, sock, sysctls, middlebox, options),
+                hints.too_slow(t, app(), hints.SlowCause(silence.cause)),
                 None,
             )
 
@@ -352,7 +338,8 @@ def judge(
         def idle() -> tuple[str, str, float | None]:
             dropper = "a middlebox on the path" if not middlebox else middlebox.split(" (", 1)[0]
             verdict = (
-                f"{dropper} has probably dropped it already"
+                f"{dropper} has probably dropped it already, unless the peer sends keepalive "
+                f"probes (incoming probes leave no trace in this side's tcp_info)"
                 if critical
                 else f"it is {path_idle / t.idle_timeout:.0%} of the way to being dropped"
             )
@@ -553,14 +540,13 @@ def budget_findings(
     ``sysctl_findings``: a message names the host's values where they differ."""
     idle, in_flight = detection_times(sysctls)
     host_times = dict(zip(("idle", "in_flight"), detection_times(host))) if host is not None else {}
-    checks: list[tuple[str, float, Severity | None]] = [
-        (DEFAULT_RULE, rules.defaults.detection_budget, None)
-    ]
+    checks: list[tuple[str, Thresholds, Severity | None]] = [(DEFAULT_RULE, rules.defaults, None)]
     for rule in rules.rules:
         if not rule.ignore and "detection_budget" in rule.overrides and rule.name in matched_rules:
-            checks.append((rule.name, rule.thresholds.detection_budget, rule.severity))
+            checks.append((rule.name, rule.thresholds, rule.severity))
     out: list[Finding] = []
-    for rule_name, budget, override in checks:
+    for rule_name, thresholds, override in checks:
+        budget = thresholds.detection_budget
         for case, seconds, arithmetic in (
             ("idle", idle, hints.idle_arithmetic(sysctls)),
             ("in_flight", in_flight, hints.in_flight_arithmetic(sysctls)),
@@ -586,7 +572,7 @@ def budget_findings(
                         f"a dead peer on {what} is noticed after {_fmt_s(seconds)} "
                         f"({arithmetic}), over the {_fmt_s(budget)} detection budget{theirs}"
                     ),
-                    hint=hints.budget(case, budget, sysctls),
+                    hint=hints.budget(case, budget, sysctls, thresholds.idle_timeout),
                     value=round(seconds, 1),
                     expected=f"<= {budget:g}",
                     case=case,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from auditd.model import Keepalive, Sock, SocketOptions, Sysctls, TcpState, TimerKind
 
@@ -152,6 +153,70 @@ def keepalive_params(
     if bound_intvl > intvl:
         return KeepaliveParams(idle, bound_intvl, cnt, "timer")
     return KeepaliveParams(idle, intvl, cnt, "sysctl")
+
+
+def probe_cadence(idle: float, intvl: float) -> float:
+    """The longest a healthy idle connection with keepalive stays silent: max(idle, intvl).
+
+    tcp_keepalive_timer (net/ipv4/tcp_timer.c) re-arms the timer for keepintvl after it sends
+    a probe (``elapsed = keepalive_intvl_when(tp)`` after tcp_write_wakeup), answered or not.
+    When it next fires, the peer's ACK came keepintvl ago: with keepintvl >= keepidle the next
+    probe goes at once, so the path is silent for keepintvl between probes; with keepintvl <
+    keepidle the timer re-arms for the rest of keepidle. Seen: idle 10 s with interval 75 s
+    left the path idle 23.5 s with the next probe 51 s away (shared/KERNEL.md).
+    """
+    return max(idle, intvl)
+
+
+class Silence(NamedTuple):
+    """How long keepalive lets the path go silent, and why: what a fix must change."""
+
+    seconds: float  # exact with the socket's options; else the namespace's, or a lower bound
+    cause: str  # a hints.SlowCause value: "default", "own_idle", "own_intvl", "own"
+    which: str  # "idle" or "intvl": the value that sets the silence; "" when unknown
+    exact: bool  # from the socket's own options (getsockopt)
+
+
+# Rounding of the timer's figures: jiffies and the ms of tcp_info against whole seconds.
+_SAME = 1.0
+
+
+def _which(idle: float, intvl: float) -> str:
+    return "idle" if idle >= intvl else "intvl"
+
+
+def keepalive_silence(
+    sock: Sock, sysctls: Sysctls, options: SocketOptions | None = None
+) -> Silence | None:
+    """The silence keepalive leaves on the idle path of a socket with keepalive on; None when
+    sock_diag shows no keepalive timer (busy: unknown) and the options were not read.
+
+    With the options it is exact: ``probe_cadence``; a value equal to the namespace's is
+    reported as the default (getsockopt cannot tell the socket's own value from it). Without
+    them, the visible timer gives ``recv idle + expiry``, the delay it was armed for since
+    the last segment received (keepidle, or keepintvl after a probe): a lower bound of the
+    silence. When that matches the namespace's keepidle or keepintvl, the socket is presumed
+    on the namespace's values and the silence is their cadence; above both, the socket set its
+    own; below, it may be either (a timer armed before the last segment received shows less).
+    """
+    time_, intvl = float(sysctls.keepalive_time), float(sysctls.keepalive_intvl)
+    if options is not None:
+        which = _which(options.idle, options.intvl)
+        own = options.idle if which == "idle" else options.intvl
+        default = time_ if which == "idle" else intvl
+        cause = "default" if own == default else f"own_{which}"
+        return Silence(probe_cadence(options.idle, options.intvl), cause, which, True)
+    if sock.timer != TimerKind.KEEPALIVE or sock.state not in KEEPALIVE_STATES:
+        return None
+    defaults = probe_cadence(time_, intvl)
+    bound = (recv_idle_ms(sock) + sock.expires_ms) / 1000
+    if sock.retrans > 0:  # probing: the timer re-arms every keepintvl, the expiry bounds it
+        bound = sock.expires_ms / 1000
+    if abs(bound - time_) <= _SAME or abs(bound - intvl) <= _SAME:
+        return Silence(defaults, "default", _which(time_, intvl), False)
+    if bound > defaults:
+        return Silence(bound, "own", "", False)
+    return Silence(bound, "default", "", False)
 
 
 def probing_abort_in(sock: Sock, params: KeepaliveParams) -> float:
