@@ -298,7 +298,7 @@ def judge(
             sev = _sev(Severity.CRITICAL if worse else Severity.WARNING, rule)
             out.append(Verdict(FindingKind.RETRANSMITTING, sev, retransmitting))
         if options is not None and ka == Keepalive.ON and keepalive_state:
-            too_slow()  # exact TCP_KEEPIDLE: a verdict on the socket's settings, busy or not
+            too_slow()  # exact options: judged like an idle socket (cadence.too_slow)
     elif (
         ka == Keepalive.ON
         and keepalive_state  # in FIN_WAIT2 timer 2 counts down tcp_fin_timeout
