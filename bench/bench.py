@@ -306,12 +306,16 @@ def run_child(*args: str) -> dict[str, Any]:
 def run_process(cmd: Sequence[str], stdout: Any = subprocess.DEVNULL) -> dict[str, Any]:
     """Wall, CPU and peak RSS of a whole process (its children included), its output thrown
     away or written to the file ``stdout``."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode() if proc.stderr else ""
+    # stderr to a file, not a pipe read after the wait: ss under `ip netns exec` (no cgroup2
+    # mount there) warns once per socket, and 200k warnings would fill a pipe and hang it.
+    with tempfile.TemporaryFile() as errors:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=errors)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        errors.seek(0)
+        err = errors.read(4096).decode(errors="replace")
     if proc.returncode not in (0, 1):  # the audit exits 1 when it has critical findings
         raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}): {err.strip()}")
     return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime,

@@ -68,7 +68,9 @@ def test_recorded_owners(zoo: dict[str, Any]) -> None:
     assert len(owners) == len(zoo["sockets"])
     for fact in zoo["sockets"].values():
         assert owners.get(fact["inode"]) == OwnerRecord(zoo["pid"], fact["fd"], zoo["comm"])
-    assert owners.get(1) is None and 1 not in owners
+    assert owners.get(1) is None
+    wanted = {fact["inode"] for fact in zoo["sockets"].values()}
+    assert set(owners.select(wanted | {1})) == wanted
 
 
 def _sock(ino: int, hz: int = 250, **kw: int) -> bytes:
@@ -86,9 +88,11 @@ def test_jiffies_divide_by_the_records_hz() -> None:
     assert table.options(6) == SocketOptions(False, 7200, 75, 9, 0, "bpf")
 
 
-def test_inode_zero_is_not_indexed() -> None:
-    table = SocketTable(_sock(0) + _sock(7), sysctls())
-    assert len(table) == 2 and 0 not in table and 7 in table
+def test_inode_zero_is_never_found_and_select_takes_only_the_wanted() -> None:
+    table = SocketTable(_sock(0) + _sock(7) + _sock(8), sysctls())
+    assert len(table) == 3 and table.record(0) is None
+    assert set(table.select([0, 7, 9])) == {7}
+    assert set(table.select({7, 8})) == {7, 8}
 
 
 @pytest.mark.parametrize("cut", [1, SOCK_REC.size - 1, SOCK_REC.size + 3])

@@ -13,62 +13,85 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable, Collection, Sequence
+from typing import Generic, TypeVar
 
-from auditd.errors import BpfUnavailable
+from auditd.errors import AuditdError, BpfUnavailable
 from auditd.kernel import KernelSource, LocalKernel
 from auditd.kernel.bpf.iterators import Iterators
 from auditd.kernel.bpf.records import OwnerTable, RecordError, SocketTable
 from auditd.kernel.inspect import Inspector, InspectScan, SocketInspector, Target
 from auditd.kernel.limits import ObservedSource
 from auditd.kernel.procs import OwnerScan, process_info
-from auditd.model import ProcessInfo, SocketOptions, Sysctls
+from auditd.model import ProcessInfo, Sysctls
 
 BPF, PIDFD = "bpf", "pidfd"
 # Runs a function inside one namespace and returns what it returns (an iterator fd).
 Enter = Callable[[Callable[[], int]], int]
+T = TypeVar("T")
+
+
+class Pass(Generic[T]):
+    """One iterator pass, read and decoded on a thread of its own while the audit dumps:
+    the kernel's walk (most of a pass) runs on the other core, outside the GIL."""
+
+    def __init__(self, read: Callable[[], T]) -> None:
+        self._result: T | None = None
+        self._error: str | None = None
+        self._thread = threading.Thread(target=self._run, args=(read,), name="bpf pass")
+        self._thread.daemon = True
+        self._thread.start()
+
+    def _run(self, read: Callable[[], T]) -> None:
+        try:
+            self._result = read()
+        except BpfUnavailable as exc:
+            self._error = str(exc)
+        except (AuditdError, RecordError, OSError) as exc:  # a namespace gone, a layout surprise
+            self._error = f"BPF: {exc}"
+
+    def get(self) -> T | None:
+        """The pass's result, None if it failed (``error`` says why)."""
+        self._thread.join()
+        return self._result
+
+    @property
+    def error(self) -> str | None:
+        self._thread.join()
+        return self._error
 
 
 class BpfAudit:
-    """The iterators for one audit. ``iterators`` outlives it (loaded once per process)."""
+    """The iterators for one audit. ``iterators`` outlives it (loaded once per process).
+    The owner pass starts at once, for every namespace of the audit."""
 
     def __init__(self, iterators: Iterators) -> None:
         self.iterators = iterators
-        self.note: str | None = None  # why BPF is not used in this audit
+        self._note: str | None = None  # why BPF is not used in this audit
         try:
             iterators.ensure()
         except BpfUnavailable as exc:
-            self.note = str(exc)
-        self._owners: OwnerTable | None = None
-        self._lock = threading.Lock()
+            self._note = str(exc)
+        self._owners = None if self._note else Pass(lambda: OwnerTable(iterators.owners()))
 
     @property
     def loaded(self) -> bool:
-        return self.note is None
+        return self._note is None
 
-    def inspector(self, enter: Enter, sysctls: Sysctls, fallback: Inspector) -> Inspector:
-        """The inspector for one namespace: its socket table, else ``fallback``."""
-        if self.note is not None:
-            return fallback
-        try:
-            table = SocketTable(self.iterators.sockets(enter), sysctls)
-        except (BpfUnavailable, RecordError) as exc:
-            self.note = f"BPF: {exc}" if isinstance(exc, RecordError) else str(exc)
-            return fallback
-        return TableInspector(table)
+    @property
+    def note(self) -> str | None:
+        """Why BPF is not used in this audit: the iterators did not load."""
+        return self._note
+
+    def socket_pass(self, enter: Enter, sysctls: Sysctls) -> Pass[SocketTable]:
+        """Starts one namespace's socket pass (``enter`` runs the iterator's creation there)."""
+        return Pass(lambda: SocketTable(self.iterators.sockets(enter), sysctls))
 
     def owners(self, inodes: Collection[int], proc_root: str = "/proc") -> OwnerScan | None:
-        """Owners of ``inodes`` from one owner pass per audit; None if BPF is not usable."""
-        with self._lock:
-            if self.note is not None:
-                return None
-            if self._owners is None:
-                try:
-                    self._owners = OwnerTable(self.iterators.owners())
-                except (BpfUnavailable, RecordError) as exc:
-                    self.note = f"BPF: {exc}" if isinstance(exc, RecordError) else str(exc)
-                    return None
-            table = self._owners
-        return owner_scan(table, inodes, proc_root)
+        """Owners of ``inodes`` from the audit's owner pass; None if BPF is not usable."""
+        if self._owners is None:
+            return None
+        table = self._owners.get()  # None: the pass failed, the /proc scan takes over
+        return None if table is None else owner_scan(table, inodes, proc_root)
 
 
 def owner_scan(table: OwnerTable, inodes: Collection[int], proc_root: str) -> OwnerScan:
@@ -77,10 +100,7 @@ def owner_scan(table: OwnerTable, inodes: Collection[int], proc_root: str) -> Ow
     found: dict[int, ProcessInfo] = {}
     fds: dict[int, int] = {}
     infos: dict[int, ProcessInfo] = {}
-    for inode in inodes:
-        rec = table.get(inode) if inode else None
-        if rec is None:
-            continue
+    for inode, rec in table.select(inodes).items():
         info = infos.get(rec.pid)
         if info is None:
             info = process_info(rec.pid, proc_root) or ProcessInfo(rec.pid, rec.comm)
@@ -91,27 +111,34 @@ def owner_scan(table: OwnerTable, inodes: Collection[int], proc_root: str) -> Ow
 
 
 class TableInspector:
-    """Answers from one namespace's socket table: no owner, pidfd or ptrace needed."""
+    """Answers from one namespace's socket pass: no owner, pidfd or ptrace needed. If the
+    pass failed, ``fallback`` answers, and ``method``/``needs_owners``/``note`` say so; each
+    waits for the pass (read while the audit dumps), which the audit asks after the dump."""
 
-    method = BPF
-    needs_owners = False
-    note: str | None = None
+    def __init__(self, table: Pass[SocketTable], fallback: SocketInspector) -> None:
+        self._pass, self.fallback = table, fallback
 
-    def __init__(self, table: SocketTable) -> None:
-        self.table = table
+    def _table(self) -> SocketTable | None:
+        return self._pass.get()
 
-    def for_namespace(self, source: KernelSource, sysctls: Sysctls) -> Inspector:
-        return self
+    @property
+    def method(self) -> str:
+        return BPF if self._table() is not None else self.fallback.method
+
+    @property
+    def needs_owners(self) -> bool:
+        return self._table() is None
+
+    @property
+    def note(self) -> str | None:
+        return None if self._table() is not None else self._pass.error
 
     def inspect(self, targets: Sequence[Target]) -> InspectScan:
-        options: dict[int, SocketOptions] = {}
-        skipped = 0
-        for inode, _, _ in targets:
-            got = self.table.options(inode)
-            if got is None:
-                skipped += 1  # opened after the pass, or closed before it
-            else:
-                options[inode] = got
+        table = self._table()
+        if table is None:
+            return self.fallback.inspect(targets)
+        options = table.select({inode for inode, _, _ in targets})
+        skipped = len(targets) - len(options)  # opened after the pass, or closed before it
         return InspectScan(options, skipped)
 
 
@@ -148,10 +175,9 @@ class ExactInspector:
         while isinstance(source, ObservedSource):
             source = source.inner
         if isinstance(source, LocalKernel):
-            inspector = self.bpf.inspector(source.inside, sysctls, self.fallback)
-            if inspector is not self.fallback:
-                return inspector
-            return _Fallback(self.fallback, self.bpf.note)
+            if not self.bpf.loaded:
+                return _Fallback(self.fallback, self.bpf.note)
+            return TableInspector(self.bpf.socket_pass(source.inside, sysctls), self.fallback)
         return _Fallback(self.fallback, f"BPF: cannot enter a {type(source).__name__}")
 
     def inspect(self, targets: Sequence[Target]) -> InspectScan:

@@ -2,15 +2,15 @@
 
 The layouts mirror ``struct sock_rec`` (sockets.bpf.c) and ``struct owner_rec``
 (owners.bpf.c), native byte order, no padding. A pass over 200k sockets yields about 8 MB,
-of which an audit needs a few fields of some sockets: the records are kept as they came and
-indexed column-wise (``memoryview.cast`` slices run in C), and a socket's record is unpacked
-only when it is asked for.
+of which an audit needs a few fields of some sockets: the records are kept as they came, the
+inode column is a ``memoryview.cast`` slice (no copy), and a record is unpacked only for a
+socket asked for.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 from auditd.model import SocketOptions, Sysctls
@@ -82,28 +82,38 @@ def iter_sock_records(data: bytes) -> Iterator[SockRecord]:
 
 
 class SocketTable:
-    """The records of one namespace's pass, indexed by socket inode (0: no inode, left out).
+    """The records of one namespace's pass, looked up by socket inode (0: no inode).
 
-    ``options(inode)`` unpacks one record: what exact mode asks for each socket it judges.
+    ``select`` finds the records of many inodes in one pass over the inode column, without
+    an index of every socket (200k entries would cost about 20 MB): what an audit asks once.
     """
 
     def __init__(self, data: bytes, sysctls: Sysctls) -> None:
         _check(data, SOCK_REC.size, "socket")
         self._data = data
         self._sysctls = sysctls
-        inodes = memoryview(data).cast("Q")[1::_SOCK_WORDS]
-        self._index = dict(zip(inodes, range(len(inodes))))
-        self._index.pop(0, None)
+        self._inodes = memoryview(data).cast("Q")[1::_SOCK_WORDS]
 
     def __len__(self) -> int:
-        return len(self._data) // SOCK_REC.size
+        return len(self._inodes)
 
-    def __contains__(self, inode: object) -> bool:
-        return inode in self._index
+    def select(self, inodes: Collection[int]) -> dict[int, SocketOptions]:
+        """Options of those of ``inodes`` the pass saw (a set is fastest)."""
+        wanted = inodes if isinstance(inodes, (set, frozenset)) else set(inodes)
+        data, sysctls = self._data, self._sysctls
+        return {
+            ino: sock_record(data, i).options(sysctls)
+            for i, ino in enumerate(self._inodes)
+            if ino in wanted and ino
+        }
 
     def record(self, inode: int) -> SockRecord | None:
-        i = self._index.get(inode)
-        return None if i is None else sock_record(self._data, i)
+        """One socket's record (a scan of the column: for tests and single lookups)."""
+        if inode:
+            for i, ino in enumerate(self._inodes):
+                if ino == inode:
+                    return sock_record(self._data, i)
+        return None
 
     def options(self, inode: int) -> SocketOptions | None:
         rec = self.record(inode)
@@ -120,25 +130,27 @@ class OwnerRecord:
 class OwnerTable:
     """Socket inode -> its owner from one pass over every process's files. A socket shared
     by several processes (inherited across fork) gets the first one the kernel walked: the
-    lowest pid, as the /proc scan picks."""
+    lowest pid, as the /proc scan picks. Looked up like ``SocketTable``, by column."""
 
     def __init__(self, data: bytes) -> None:
         _check(data, OWNER_REC.size, "owner")
         self._data = data
-        inodes = memoryview(data).cast("Q")[::_OWNER_WORDS]
-        n = len(inodes)
-        # dict() keeps the last value of a repeated key: feed it backwards so the first wins.
-        self._index = dict(zip(reversed(inodes), range(n - 1, -1, -1)))
+        self._inodes = memoryview(data).cast("Q")[::_OWNER_WORDS]
 
     def __len__(self) -> int:
-        return len(self._index)
+        return len(self._inodes)
 
-    def __contains__(self, inode: object) -> bool:
-        return inode in self._index
-
-    def get(self, inode: int) -> OwnerRecord | None:
-        i = self._index.get(inode)
-        if i is None:
-            return None
+    def _record(self, i: int) -> OwnerRecord:
         _, pid, fd, comm = OWNER_REC.unpack_from(self._data, i * OWNER_REC.size)
         return OwnerRecord(pid, fd, comm.split(b"\0", 1)[0].decode(errors="replace"))
+
+    def select(self, inodes: Collection[int]) -> dict[int, OwnerRecord]:
+        wanted = inodes if isinstance(inodes, (set, frozenset)) else set(inodes)
+        found: dict[int, OwnerRecord] = {}
+        for i, ino in enumerate(self._inodes):
+            if ino in wanted and ino not in found:
+                found[ino] = self._record(i)
+        return found
+
+    def get(self, inode: int) -> OwnerRecord | None:
+        return self.select((inode,)).get(inode)
