@@ -50,3 +50,20 @@ def test_bench_counts_the_series_of_empty_namespaces() -> None:
     assert report["series"]["agent"] == 16
     assert report["series_total"] == sum(report["series"].values())
     assert not [n for n in netlab.run(["ip", "netns", "list"]).stdout.split() if "kbench" in n]
+
+
+EVENTS = os.path.join(os.path.dirname(BENCH), "events.py")
+
+
+def test_events_bench_sees_every_abort_it_makes() -> None:
+    proc = netlab.run([sys.executable, EVENTS, "--rate", "200", "--seconds", "1", "--rounds", "1",
+                       "--abort-rate", "50", "--abort-seconds", "1", "--json"],
+                      check=False, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    aborts = report["aborts"]
+    assert aborts["done"] == 50 and aborts["reader"]["seen"] == 50  # each reset is one abort
+    assert aborts["reader"]["lost"] == 0
+    (churn,) = report["churn_with_reader"]
+    assert churn["done"] == 200 and churn["reader"]["seen"] == 0  # a normal close is none
+    assert not [n for n in netlab.run(["ip", "netns", "list"]).stdout.split() if "kbench-ev" in n]

@@ -137,6 +137,9 @@ def audit_as_nobody(
     return proc.returncode, doc, proc.stderr
 
 
+TRACEFS = ["sh", "-c", 'mount -t tracefs nodev /sys/kernel/tracing && exec "$@"', "sh"]
+
+
 @pytest.mark.parametrize(
     ("caps", "missing"),
     [
@@ -267,3 +270,56 @@ def test_agent_as_nobody_with_and_without_the_capabilities(
     assert len(errors) == 1, errors  # once, not once per audit
     assert errors[0]["stage"] == "attribution"
     assert "missing CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE" in errors[0]["error"]
+
+
+TRACEFS = ["sh", "-c", 'mount -t tracefs nodev /sys/kernel/tracing && exec "$@"', "sh"]
+
+
+@pytest.mark.parametrize(
+    ("caps", "missing"),
+    [([], "cannot read tracefs"), (["dac"], "perf_event_open refused"), (["dac", "perfmon"], None)],
+)
+def test_abort_events_need_perfmon_and_tracefs_access(
+    ns: netlab.Netns, mountpoint: Path, rules: Path, tmp_path: Path,
+    caps: list[str], missing: str | None,
+) -> None:  # fmt: skip
+    """Without CAP_PERFMON (or the tracefs formats) the agent says so once and audits on;
+    ``watch`` exits 3 with the same one line. With both, the agent reads the events.
+    ``ip netns exec`` mounts a sysfs of its own, without tracefs: root mounts it there first."""
+    argv = [*TRACEFS, *nobody_argv(mountpoint, caps, [
+        "run", "--config.file", str(rules), "--audit.interval", "1s",
+        "--web.listen-address", "127.0.0.1:9977", "--log.format", "json",
+    ])]  # fmt: skip
+    log_path = tmp_path / "agent.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(ns.exec_argv(argv), stdout=log, stderr=log)
+    try:
+
+        def scrape() -> Scrape | None:
+            def fetch() -> str:
+                with urllib.request.urlopen("http://127.0.0.1:9977/metrics", timeout=5) as r:
+                    return str(r.read().decode())
+
+            try:
+                got = Scrape(ns.call(fetch))
+            except OSError:
+                return None
+            return got if got.last_success else None
+
+        wait_for("an audit", scrape, timeout=30)
+        time.sleep(2.2)  # two more audits
+        got = scrape()
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
+    lines = [json.loads(x) for x in log_path.read_text().splitlines()]
+    off = [x for x in lines if x["msg"] == "abort events off, the audits go on"]
+    assert got is not None and got.value("keepalive_events_up") == (0 if missing else 1)
+    if missing is None:
+        assert off == []
+        return
+    assert len(off) == 1 and missing in off[0]["error"], off
+    assert not [x for x in lines if x["level"] == "error"]
+    watch = ns.run([*TRACEFS, *nobody_argv(mountpoint, caps, ["watch"])], check=False, timeout=30)
+    assert watch.returncode == 3 and watch.stdout == ""
+    assert watch.stderr.count("\n") == 1 and missing in watch.stderr, watch.stderr
