@@ -47,7 +47,7 @@ def test_bench_counts_the_series_of_empty_namespaces() -> None:
     report = json.loads(proc.stdout)
     assert (report["namespaces"], report["rules"]) == (5, 50)
     assert report["series"]["bench"] == 0  # empty namespaces cost nothing
-    assert report["series"]["agent"] == 16
+    assert report["series"]["agent"] == 18  # 16, and the abort events: lost_total, up
     assert report["series_total"] == sum(report["series"].values())
     assert not [n for n in netlab.run(["ip", "netns", "list"]).stdout.split() if "kbench" in n]
 
