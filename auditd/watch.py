@@ -66,12 +66,9 @@ class _Auditor(threading.Thread):
     def run(self) -> None:
         from auditd.cli import PROG, _say
 
-        # Owners as ``audit`` finds them: the BPF iterators when they load, else the
-        # /proc/*/fd scan in a child while the audit dumps.
-        bpf = BpfAudit(process_iterators())
         while not self.stop.is_set():
             try:
-                self._audit(bpf)
+                self._audit()
             except Exception as exc:  # the events go on with the last audit
                 _say(f"{PROG}: note: audit failed, matching against the last one: {exc}")
             if not self.ready.is_set():
@@ -79,8 +76,11 @@ class _Auditor(threading.Thread):
                 _say(f"{PROG}: watching connection aborts (audits every {self.args.interval:g}s)")
             self.stop.wait(self.args.interval)
 
-    def _audit(self, bpf: BpfAudit) -> None:
+    def _audit(self) -> None:
+        """One audit, finding owners as ``audit`` does: the BPF iterators when they load
+        (their owner pass is one audit's), else the /proc/*/fd scan in a child."""
         rules = load_rules_or_default(self.args.config)
+        bpf = BpfAudit(process_iterators())
         prescan = None if bpf.loaded else FdPrescan.start()
         try:
             namespaces = self.args.sources()

@@ -95,6 +95,8 @@ def stage(lab: Lab, tmp_path: Path) -> Iterator[Stage]:
         wait_for("watch to start", lambda: any("watching" in s for s in watch.stderr), 30)
         yield Stage(a, b, agent, watch)
         watch.close()
+        assert agent.stop() == 0  # SIGTERM with the event thread running: a clean exit
+        assert not [d for d in agent.log() if d["level"] == "error"], agent.log_text()
     finally:
         if watch.proc.poll() is None:
             watch.proc.kill()

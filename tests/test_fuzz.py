@@ -9,11 +9,13 @@ skipped and counted, never a traceback, a hang or a record that is not well form
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import re
 import socket
 import struct
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +35,12 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from auditd import cli, config, daemon
+from auditd.aborts import Correlator
 from auditd.config import ConfigError, RuleSet, WebConfig, parse_rules, parse_web_config
 from auditd.errors import KernelError
+from auditd.kernel.events import Kind
+from auditd.kernel.events.decode import Decoder, parse_ring
+from auditd.kernel.events.tracefs import parse_format
 from auditd.kernel.sockdiag import (
     INET_DIAG_INFO,
     NLM_F_DUMP_INTR,
@@ -370,3 +376,41 @@ def test_cli_any_argv_gives_an_exit_code(no_daemon: None, argv: list[str]) -> No
     assert "Traceback" not in err.getvalue()
     if code == 2 and err.getvalue():
         assert err.getvalue().startswith(("keepalive-auditd", "usage:")), err.getvalue()
+
+
+# --- abort events: perf ring bytes, raw tracepoint samples, format files ----------------------
+
+EVENT_DATA = Path(__file__).parent / "data" / "events"
+
+
+@functools.cache
+def _event_decoder() -> Decoder:
+    formats = {}
+    for kind in Kind:
+        system, name = kind.value
+        formats[kind] = parse_format(system, (EVENT_DATA / f"{system}.{name}.format").read_text())
+    return Decoder(formats)
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_any_ring_bytes_parse_without_raising(data: bytes) -> None:
+    ring = parse_ring(data)
+    assert ring.lost >= 0 and all(len(raw) <= len(data) for _, raw in ring.samples)
+
+
+@FUZZ
+@given(st.sampled_from(list(Kind)), st.binary(max_size=128))
+def test_any_sample_of_a_known_tracepoint_decodes_or_is_refused(kind: Kind, tail: bytes) -> None:
+    decoder = _event_decoder()
+    raw = decoder.formats[kind].id.to_bytes(2, sys.byteorder) + tail
+    event = decoder.decode(0, raw)
+    if event is not None:
+        Correlator().feed(event)  # whatever the fields hold, folding them does not raise
+
+
+@FUZZ
+@given(st.text(max_size=600))
+def test_any_format_text_parses_or_is_a_value_error(text: str) -> None:
+    with contextlib.suppress(ValueError):
+        parse_format("tcp", text)
