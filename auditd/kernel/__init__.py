@@ -77,6 +77,8 @@ class LocalKernel:
         """Ask the audit's owner iterator for owners; the /proc scan stays the fallback. Only
         for a source reading the real /proc: the iterator sees the real kernel's processes."""
         self.bpf = bpf if os.path.realpath(self.proc_root) == "/proc" else None
+        if self.bpf is not None:
+            self.bpf.prefetch_owners()  # its pass runs while this source dumps
 
     def inside(self, fn: Callable[[], T]) -> T:
         """``fn()`` in this source's namespace (here: the calling thread's)."""

@@ -2,10 +2,11 @@
 
 ``BpfAudit`` is one audit's use of a process's ``Iterators``: it tries to load them once per
 audit (so an agent recovers when the cause of a failure goes away) and says why not in
-``note``. Its ``inspector`` reads one pass of a namespace's socket iterator and answers the
-audit's questions from it, with the ``pidfd_getfd`` inspector as the fallback when BPF cannot
-load or a namespace cannot be read; its ``owners`` answer from one pass of the owner iterator
-for every namespace of the audit (socket inodes are global), None meaning "use /proc".
+``note``. ``ExactInspector`` gives each namespace a ``TableInspector`` over one pass of its
+socket iterator, with the ``pidfd_getfd`` inspector as the fallback when BPF cannot load or a
+namespace's pass fails; ``BpfAudit.owners`` answers from one pass of the owner iterator for
+every namespace of the audit (socket inodes are global), None meaning "use /proc". Passes run
+on threads of their own (``Pass``), started before the dump they overlap.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class Pass(Generic[T]):
 
 class BpfAudit:
     """The iterators for one audit. ``iterators`` outlives it (loaded once per process).
-    The owner pass starts at once, for every namespace of the audit."""
+    The owner pass starts with the first source that asks for it (``prefetch_owners``)."""
 
     def __init__(self, iterators: Iterators) -> None:
         self.iterators = iterators
@@ -71,7 +72,8 @@ class BpfAudit:
             iterators.ensure()
         except BpfUnavailable as exc:
             self._note = str(exc)
-        self._owners = None if self._note else Pass(lambda: OwnerTable(iterators.owners()))
+        self._owners: Pass[OwnerTable] | None = None
+        self._lock = threading.Lock()
 
     @property
     def loaded(self) -> bool:
@@ -86,8 +88,16 @@ class BpfAudit:
         """Starts one namespace's socket pass (``enter`` runs the iterator's creation there)."""
         return Pass(lambda: SocketTable(self.iterators.sockets(enter), sysctls))
 
+    def prefetch_owners(self) -> None:
+        """Starts the audit's owner pass, once, if the iterators loaded."""
+        with self._lock:
+            if self._owners is None and self._note is None:
+                iterators = self.iterators
+                self._owners = Pass(lambda: OwnerTable(iterators.owners()))
+
     def owners(self, inodes: Collection[int], proc_root: str = "/proc") -> OwnerScan | None:
         """Owners of ``inodes`` from the audit's owner pass; None if BPF is not usable."""
+        self.prefetch_owners()
         if self._owners is None:
             return None
         table = self._owners.get()  # None: the pass failed, the /proc scan takes over
