@@ -227,3 +227,25 @@ def test_agent_logs_fallback_once_and_recovery_once(tmp_path: Path) -> None:
         events.count("BPF iterators unavailable, owners from /proc and options by pidfd_getfd") == 1
     )
     assert events.count("BPF iterators working again") == 1
+
+
+def test_a_socket_flagged_by_its_exact_options_only_is_attributed(lab: netlab.Lab) -> None:
+    """Owners are looked up for the flagged sockets only (the pass needs none): one that only
+    its exact options flag (a user timeout shorter than its keepalive) is attributed too."""
+    ns = lab.netns()
+    listener = ns.listen("127.0.0.1")
+    client = ns.make_socket()
+    bpfzoo.set_options(client, (1, 300, 30, 5, 1000))
+    client.connect(listener.getsockname())
+    ns.adopt(listener.accept()[0])
+    st = os.stat(ns.path)
+    source = NamespaceKernel(NamespaceRef(st.st_dev, st.st_ino, ns.path, ns.name))
+    bpf = BpfAudit(Iterators())
+    source.share_bpf(bpf)
+    report, findings = audit_namespace(
+        load_rules_text("version: 1\n"), source, ns.name,
+        inspector=ExactInspector(bpf, SocketInspector()),
+    )  # fmt: skip
+    [f] = [f for f in findings if f.local == _endpoint(client.getsockname())]
+    assert (f.kind, f.options_source, f.pid) == ("user_timeout_too_short", "bpf", os.getpid())
+    assert report.attribution_wanted == report.attribution_found == 1

@@ -422,17 +422,23 @@ def audit_namespace(
     dump_started = monotonic()
     tally.run(source.sockets(stats), judged.add if direct else kept.append, visit)
     dump_seconds = monotonic() - dump_started
-    if inspector is None:
+    # The BPF socket pass reads options without owners: then only flagged sockets need one.
+    by_fd = inspector is not None and getattr(inspector, "needs_owners", True)
+    if not by_fd:
         budget = max(ATTRIBUTION_MIN_SECONDS, ATTRIBUTION_FRACTION * dump_seconds)
         wanted = [s.inode for s in (judged.socks() if direct else kept) if s.inode]
     else:
         budget = max(INSPECT_ATTRIBUTION_MIN_SECONDS, INSPECT_ATTRIBUTION_FRACTION * dump_seconds)
         wanted = list({s.inode for s in (*kept, *candidates) if s.inode})
     scan = source.owners(wanted, monotonic() + budget) if wanted else OwnerScan()
-    owners = scan.found
     inspected = _Inspected() if inspector is None else _inspect(
         inspector, candidates, kept, scan, tally
     )  # fmt: skip
+    if inspected.extra and not by_fd:  # flagged only by their exact options: owners too
+        more = [s.inode for s in inspected.extra if s.inode]
+        wanted += more
+        scan = _merged(scan, source.owners(more, monotonic() + budget))
+    owners = scan.found
     options = inspected.options
     for sock in (*kept, *inspected.extra):
         judged.add(sock, owners.get(sock.inode), options.get(sock.inode))
@@ -481,6 +487,16 @@ def audit_namespace(
         finding_counts=finding_counts,
     )  # fmt: skip
     return report, findings
+
+
+def _merged(a: OwnerScan, b: OwnerScan) -> OwnerScan:
+    return OwnerScan(
+        {**a.found, **b.found},
+        a.complete and b.complete,
+        a.denied + b.denied,
+        a.error or b.error,
+        {**a.fds, **b.fds},
+    )
 
 
 def _collector(into: list[Sock], then: Callable[[Sock], None] | None) -> Callable[[Sock], None]:
