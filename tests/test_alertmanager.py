@@ -13,7 +13,9 @@ Prometheus evaluates a copy of the shipped alerts.yml whose ``for:`` durations a
 (the expressions are checked to be the shipped ones), and Alertmanager must deliver both
 alerts to the webhook with the instance, netns, rule and a description naming the fix; then
 the test fixes both (the cable back, SO_KEEPALIVE on the idle socket) and the resolved
-notifications must arrive. Agent ``b`` has nothing wrong: no finding alert may name it.
+notifications must arrive. Agent ``b`` has nothing wrong: no finding alert may name it. On
+the way, every query of the Grafana dashboard (config/grafana/) runs on this Prometheus,
+and its fleet overview counts what the test provoked.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import netlab
 import pytest
 import yaml
 from agent import Agents
+from test_grafana import queries as grafana_queries
 from test_prometheus import ALERTS, JOB, PROMETHEUS, PROMTOOL, _output, http_get, promtool, running
 from test_prometheus import wait_for as wait_until
 
@@ -185,12 +188,28 @@ def idle_pair(ns: netlab.Netns) -> tuple[socket.socket, int]:
     return client, port
 
 
-def targets_up(mon: netlab.Netns) -> dict[str, float]:
-    url = "http://127.0.0.1:9090/api/v1/query?" + urllib.parse.urlencode(
-        {"query": f'up{{job="{JOB}"}}'}
-    )
+def query(mon: netlab.Netns, expr: str) -> list[dict[str, Any]]:
+    """An instant query to the Prometheus in ``mon``; its result vector."""
+    url = "http://127.0.0.1:9090/api/v1/query?" + urllib.parse.urlencode({"query": expr})
     reply = json.loads(mon.call(lambda: http_get(url)))
-    return {r["metric"]["instance"]: float(r["value"][1]) for r in reply["data"]["result"]}
+    assert reply["status"] == "success", (expr, reply)
+    result: list[dict[str, Any]] = reply["data"]["result"]
+    return result
+
+
+def targets_up(mon: netlab.Netns) -> dict[str, float]:
+    return {r["metric"]["instance"]: float(r["value"][1]) for r in query(mon, f'up{{job="{JOB}"}}')}
+
+
+def dashboard_now(mon: netlab.Netns) -> dict[str, list[float]]:
+    """Every query of the Grafana dashboard run now: panel title -> the values of its
+    single-series queries (the stat panels); the others must run too."""
+    out = {}
+    for title, exprs in grafana_queries().items():
+        results = [query(mon, e) for e in exprs]
+        if all(len(r) == 1 and not r[0]["metric"] for r in results):
+            out[title] = [float(r[0]["value"][1]) for r in results]
+    return out
 
 
 def probing_pair(ns: netlab.Netns, peer: netlab.Netns, addr: str) -> socket.socket:
@@ -249,6 +268,11 @@ def test_alertmanager_delivers_and_resolves(lab: netlab.Lab, tmp_path: Path) -> 
             assert "enable keepalive on its sockets" in idle["annotations"]["description"]
             assert "SO_KEEPALIVE with TCP_KEEPIDLE" in idle["annotations"]["description"]
             assert targets_up(mon) == {instance_a: 1.0, instance_b: 1.0}  # two targets, both up
+            # The dashboard's fleet overview, on this Prometheus: one host, one namespace.
+            now = dashboard_now(mon)
+            assert now["Hosts with findings"] == now["Namespaces with findings"] == [1.0]
+            assert now["Half-open connections now"] == [1.0]
+            assert now["Agents up"] == [2.0, 2.0]
 
             # The fixes: the path is back (the next probe is answered), and keepalive is on.
             restore_cable(peer)
@@ -257,6 +281,8 @@ def test_alertmanager_delivers_and_resolves(lab: netlab.Lab, tmp_path: Path) -> 
             idle_client.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             delivered("resolved", HALF_OPEN, PROBE_RULE)
             delivered("resolved", IDLE, IDLE_RULE)
+            now = dashboard_now(mon)  # absent findings read 0, not "No data"
+            assert now["Hosts with findings"] == now["Half-open connections now"] == [0.0]
             assert probe_client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0  # alive
         finding_alerts = [x["labels"] for x in hook.alerts if "rule" in x["labels"]]
         assert all(labels["instance"] == instance_a for labels in finding_alerts), finding_alerts
