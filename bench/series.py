@@ -55,7 +55,8 @@ def count(text: str, ours: set[str]) -> dict[str, int]:
 
 
 def measure(namespaces: int, rules: int, port: int, root: str) -> dict[str, Any]:
-    names = [f"kbench-{os.getpid()}-{i}" for i in range(namespaces)]
+    prefix = f"kbench-{os.getpid()}-"
+    names = [f"{prefix}{i}" for i in range(namespaces)]
     tmp = tempfile.mkdtemp(prefix="keepalive-bench-series-")
     rules_file = os.path.join(tmp, "rules.yaml")
     _rules(rules_file, rules)
@@ -76,7 +77,7 @@ def measure(namespaces: int, rules: int, port: int, root: str) -> dict[str, Any]
         os.remove(rules_file)
         os.rmdir(tmp)
     counts = count(body, set(names))
-    return {"namespaces": namespaces, "rules": rules, "series": counts,
+    return {"namespaces": namespaces, "rules": rules, "netns_prefix": prefix, "series": counts,
             "series_total": sum(counts.values()), "metrics_bytes": len(body),
             "scrape_ms": round(seconds * 1000, 2)}  # fmt: skip
 

@@ -281,11 +281,26 @@ def test_alertmanager_delivers_and_resolves(lab: netlab.Lab, tmp_path: Path) -> 
             idle_client.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             delivered("resolved", HALF_OPEN, PROBE_RULE)
             delivered("resolved", IDLE, IDLE_RULE)
-            now = dashboard_now(mon)  # absent findings read 0, not "No data"
-            assert now["Hosts with findings"] == now["Half-open connections now"] == [0.0]
+
+            # Absent findings read 0, not "No data". (Waited for: both sockets now probe every
+            # second, and a probe whose answer is in flight is a warning for a moment.)
+            def clear() -> bool | None:
+                now = dashboard_now(mon)
+                return (
+                    now["Hosts with findings"] == now["Half-open connections now"] == [0.0] or None
+                )
+
+            wait_until("the dashboard's overview at 0", clear, deadline, procs)
             assert probe_client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0  # alive
-        finding_alerts = [x["labels"] for x in hook.alerts if "rule" in x["labels"]]
-        assert all(labels["instance"] == instance_a for labels in finding_alerts), finding_alerts
+        # Finding alerts only: abort events come from tracepoints, global to the kernel, so
+        # each agent here also counts (as netns "unknown") the aborts of other tests' sockets.
+        finding_alerts = [
+            x["labels"] for x in hook.alerts
+            if "rule" in x["labels"] and x["labels"]["alertname"] != "KeepaliveConnectionsAborted"
+        ]  # fmt: skip
+        assert all(labels["instance"] == instance_a for labels in finding_alerts), [
+            labels for labels in finding_alerts if labels["instance"] != instance_a
+        ]
         assert {labels["rule"] for labels in finding_alerts} == {PROBE_RULE, IDLE_RULE}
         took = DEADLINE - (deadline - time.monotonic())
         print(f"{len(hook.alerts)} alerts delivered and resolved, {took:.1f} s in all")

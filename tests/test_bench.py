@@ -49,7 +49,8 @@ def test_bench_counts_the_series_of_empty_namespaces() -> None:
     assert report["series"]["bench"] == 0  # empty namespaces cost nothing
     assert report["series"]["agent"] == 18  # 16, and the abort events: lost_total, up
     assert report["series_total"] == sum(report["series"].values())
-    assert not [n for n in netlab.run(["ip", "netns", "list"]).stdout.split() if "kbench" in n]
+    left = netlab.run(["ip", "netns", "list"]).stdout.split()
+    assert not [n for n in left if n.startswith(report["netns_prefix"])]  # deleted after
 
 
 EVENTS = os.path.join(os.path.dirname(BENCH), "events.py")

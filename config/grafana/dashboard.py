@@ -27,6 +27,7 @@ FOUND = f'keepalive_findings{{{SEL},severity=~"warning|critical"}}'
 HALF_OPEN = (
     f'keepalive_findings{{{SEL},kind=~"keepalive_probing|retransmitting",severity="critical"}}'
 )
+ABORTS = f"keepalive_connection_aborts_total{{{SEL}}}"
 WIDTH = 24  # Grafana's grid
 
 
@@ -76,18 +77,31 @@ ROWS: tuple[tuple[str, tuple[P, ...]], ...] = (
         P("timeseries", "Half-open connections by host", "Critical keepalive_probing and "
           "retransmitting findings per host and namespace.",
           ((f"sum by (instance, netns) ({HALF_OPEN})", "{{instance}} {{netns}}"),),
-          w=8, h=8),
-        P("timeseries", "Connections the kernel aborted on timeout", "TcpExt "
-          "TCPAbortOnTimeout per host and namespace: keepalive or retransmission timeouts "
-          "that ended a connection, i.e. half-open connections the kernel gave up on (other "
-          "namespaces than host count from their first abort).",
-          ((f"sum by (instance, netns) (increase(keepalive_kernel_abort_on_timeout_total"
-            f"{{{SEL}}}[$__rate_interval])) > 0", "{{instance}} {{netns}}"),), w=8, h=8),
+          w=12, h=8),
         P("timeseries", "Idle connections without keepalive past the path timeout",
           "Critical idle_no_keepalive findings per host and namespace: a middlebox has "
           "probably dropped them already.",
           ((f'sum by (instance, netns) (keepalive_findings{{{SEL},kind="idle_no_keepalive",'
-            'severity="critical"})', "{{instance}} {{netns}}"),), w=8, h=8),
+            'severity="critical"})', "{{instance}} {{netns}}"),), w=12, h=8),
+    )),
+    ("Aborts", (
+        P("stat", "Connections aborted (1 h)", "Connections the kernel gave up on in the "
+          "last hour (keepalive, retransmission or user timeout, reset, unreachable), from "
+          "the agents' tracepoints.",
+          ((f"sum(increase({ABORTS}[1h])) or vector(0)", ""),), w=4, red_above=1),
+        P("stat", "Flagged before the abort (1 h)", "Of those, the ones a finding of the "
+          "agent had reported before the kernel aborted them.",
+          ((f'sum(increase(keepalive_connection_aborts_total{{{SEL},predicted="true"}}[1h])) '
+            "or vector(0)", ""),), w=4),
+        P("timeseries", "Connections aborted by reason", "Aborts per host, namespace and "
+          "reason; netns unknown: no audit had flagged the connection.",
+          ((f"sum by (instance, netns, reason) (increase({ABORTS}[$__rate_interval])) > 0",
+            "{{instance}} {{netns}} {{reason}}"),), w=8, h=8),
+        P("timeseries", "Aborts on timeout (kernel counter)", "TcpExt TCPAbortOnTimeout per "
+          "host and namespace: keepalive or retransmission timeouts that ended a connection "
+          "(other namespaces than host count from their first abort).",
+          ((f"sum by (instance, netns) (increase(keepalive_kernel_abort_on_timeout_total"
+            f"{{{SEL}}}[$__rate_interval])) > 0", "{{instance}} {{netns}}"),), w=8, h=8),
     )),
     ("Detection times and tuning", (
         P("table", "Dead-peer detection time", "Seconds until a dead peer is noticed on the "
@@ -112,11 +126,13 @@ ROWS: tuple[tuple[str, tuple[P, ...]], ...] = (
           "counters, attribution, netns, config, http, log, internal).",
           ((f"sum by (instance, stage) (increase(keepalive_audit_errors_total{{{SEL}}}"
             "[$__rate_interval])) > 0", "{{instance}} {{stage}}"),), w=8, h=8),
-        P("table", "Agents", "Version, namespaces audited, and whether the last rules "
-          "reload succeeded (1) or the old rules are still in use (0).",
+        P("table", "Agents", "Version, namespaces audited, whether the last rules reload "
+          "succeeded (1) or the old rules are still in use (0), and whether the agent reads "
+          "the kernel's abort events (1).",
           ((f"max by (instance, version) (keepalive_build_info{{{SEL}}})", ""),
            (f"max by (instance) (keepalive_namespaces{{{SEL}}})", ""),
-           (f"max by (instance) (keepalive_config_last_reload_successful{{{SEL}}})", "")),
+           (f"max by (instance) (keepalive_config_last_reload_successful{{{SEL}}})", ""),
+           (f"max by (instance) (keepalive_events_up{{{SEL}}})", "")),
           w=12, h=8),
         P("table", "Namespaces read incompletely", "Namespaces whose audit could only "
           "partly read a part (attribution, counters, dump, sysctls): their findings may "
