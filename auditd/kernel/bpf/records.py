@@ -100,12 +100,28 @@ class SocketTable:
     def select(self, inodes: Collection[int]) -> dict[int, SocketOptions]:
         """Options of those of ``inodes`` the pass saw (a set is fastest)."""
         wanted = inodes if isinstance(inodes, (set, frozenset)) else set(inodes)
-        data, sysctls = self._data, self._sysctls
-        return {
-            ino: sock_record(data, i).options(sysctls)
-            for i, ino in enumerate(self._inodes)
-            if ino in wanted and ino
-        }
+        data, unpack, size = self._data, SOCK_REC.unpack_from, SOCK_REC.size
+        idle, intvl, cnt = (
+            self._sysctls.keepalive_time,
+            self._sysctls.keepalive_intvl,
+            self._sysctls.keepalive_probes,
+        )
+        found: dict[int, SocketOptions] = {}
+        # SockRecord.options inlined: this runs for every socket exact mode asks about.
+        for i, ino in enumerate(self._inodes):
+            if ino in wanted and ino:
+                _, _, _, ktime, kintvl, uto, hz, _, probes, keepopen, _ = unpack(data, i * size)
+                if not hz:
+                    raise RecordError(f"socket iterator: record {i} has HZ 0")
+                found[ino] = SocketOptions(
+                    bool(keepopen),
+                    ktime // hz if ktime else idle,
+                    kintvl // hz if kintvl else intvl,
+                    probes or cnt,
+                    uto,
+                    "bpf",
+                )
+        return found
 
     def record(self, inode: int) -> SockRecord | None:
         """One socket's record (a scan of the column: for tests and single lookups)."""
