@@ -7,11 +7,13 @@ Opens ``--sockets`` ESTABLISHED loopback sockets (``--sockets / 2`` connections,
 count, spread over 127.x addresses and several holder processes to pass the per-address
 ephemeral port range and the open-files limit). Half of the client ends set SO_KEEPALIVE
 with TCP_KEEPIDLE 300 s (healthy for the rules), and ``--flagged`` of the connections use
-keepalive on the 7200 s default, which the audit reports as ``keepalive_too_slow`` and
-attributes to their process. The rules use ``--idle-timeout`` (default 1h) so idle
-connections without keepalive are not flagged during the run: the figures are for an audit
-with a known number of findings. (A short keepidle would be a bad bench: probes of sockets
-opened together fire in the same tick and overflow the loopback backlog, KERNEL.md.)
+keepalive on the 7200 s default, which the audit reports as ``keepalive_too_slow`` (under a
+rule with a 0.2 s idle timeout for their server port: the finding needs the path idle for
+``warn_at × idle_timeout``) and attributes to their process. The rules use
+``--idle-timeout`` (default 1h) so idle connections without keepalive are not flagged during
+the run: the figures are for an audit with a known number of findings. (A short keepidle would
+be a bad bench: probes of sockets opened together fire in the same tick and overflow the
+loopback backlog, KERNEL.md.)
 Then, alternating in each round:
 
 - floor: the raw sock_diag dump, received and not decoded;
@@ -50,6 +52,9 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PER_ADDRESS = 10_000  # connections per 127.x server address (ephemeral range is ~28k)
+# keepalive_too_slow needs the path idle for warn_at × idle_timeout (auditd/audit/cadence.py):
+# the flagged connections talk to this port, under a rule with a 0.2 s idle timeout.
+FLAGGED_PORT = 5001
 
 
 # --------------------------------------------------------------------------------------
@@ -70,15 +75,22 @@ def holder_main(connections: int, first_address: int, flagged_every: int) -> Non
         srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         srv.bind((host, 5000))
         srv.listen(4096)
-        keep.append(srv)
+        flagged_srv = socket.socket()  # the flagged connections' port: a rule of their own
+        flagged_srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        flagged_srv.bind((host, FLAGGED_PORT))
+        flagged_srv.listen(4096)
+        keep += [srv, flagged_srv]
         for _ in range(min(PER_ADDRESS, connections - made)):
             client = socket.socket()
+            listener = srv
             if made % 2 == 0:
                 client.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-                if not (flagged_every and made % flagged_every == 0):
+                if flagged_every and made % flagged_every == 0:
+                    listener = flagged_srv
+                else:
                     client.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 300)
-            client.connect((host, 5000))
-            server_end, _ = srv.accept()
+            client.connect(listener.getsockname())
+            server_end, _ = listener.accept()
             keep += [client, server_end]
             made += 1
     print(f"ready {made}", flush=True)
@@ -495,7 +507,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rules_dir = tempfile.mkdtemp(prefix="keepalive-bench-")
     rules_file = os.path.join(rules_dir, "rules.yaml")
     with open(rules_file, "w") as f:
-        f.write(f"version: 1\ndefaults:\n  idle_timeout: {args.idle_timeout}\n")
+        f.write(f"version: 1\ndefaults:\n  idle_timeout: {args.idle_timeout}\nrules:\n"
+                f"  - name: flagged\n    match: {{remote_ports: [{FLAGGED_PORT}]}}\n"
+                "    idle_timeout: 200ms\n")  # fmt: skip
     t0 = time.perf_counter()
     try:
         with Holders(args.sockets, args.flagged) as holders:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -28,7 +29,12 @@ from auditd.audit.evaluate import (
     socket_findings,
     sysctl_findings,
 )
-from auditd.audit.inference import KEEPALIVE_STATES, keepalive_status, path_idle_ms
+from auditd.audit.inference import (
+    KEEPALIVE_STATES,
+    keepalive_status,
+    path_idle_ms,
+    probe_cadence,
+)
 from auditd.config import RuleSet, Thresholds
 from auditd.errors import KernelError, NamespaceGone
 from auditd.kernel import DumpStats, KernelSource, OwnerScan
@@ -158,10 +164,15 @@ class _Tally:
     never one too few, and ``socket_findings`` decides exactly.
     """
 
-    def __init__(self, limits: Thresholds) -> None:
+    def __init__(self, limits: Thresholds, defaults_silence: float = math.inf) -> None:
+        """``defaults_silence``: the cadence of the namespace's keepalive sysctls
+        (``probe_cadence``), the silence presumed for a socket on them."""
         self.limits = limits
         self.warn_ms = int(limits.warn_at * limits.idle_timeout * 1000) - 1
         self.idle_timeout_ms = int(limits.idle_timeout * 1000) - 1
+        # keepalive_too_slow (cadence.py) needs the path idle past the warning, and a silence
+        # past the idle timeout: proven by the timer, or presumed from the namespace's values.
+        self.slow_defaults = defaults_silence * 1000 >= self.idle_timeout_ms
         self.retransmits = limits.retransmit_threshold
         self.counts = [0] * (64 * 3)  # state * 3 + keepalive index
         self.hist = [[0] * (len(IDLE_BUCKETS) + 1) for _ in Keepalive.ALL]
@@ -178,6 +189,7 @@ class _Tally:
         ``visit`` (rarely needed) sees every socket."""
         counts, hist, sums = self.counts, self.hist, self.idle_ms_sum
         warn_ms, idle_timeout_ms, retransmits = self.warn_ms, self.idle_timeout_ms, self.retransmits
+        slow_defaults = self.slow_defaults
         bounds, where, limits = _IDLE_BOUNDS_MS, bisect.bisect_left, self.limits
         status, flag, ka_index = keepalive_status, could_flag, _KA_INDEX
         total = 0
@@ -191,7 +203,8 @@ class _Tally:
                 if timer == 0:
                     k, keep_it = _OFF, idle >= warn_ms
                 elif timer == 2:
-                    k, keep_it = _ON, retrans > 0 or heard + expires >= idle_timeout_ms
+                    k, keep_it = _ON, retrans > 0 or (idle >= warn_ms and (
+                        slow_defaults or heard + expires >= idle_timeout_ms))  # fmt: skip
                 else:
                     k, keep_it = _UNKNOWN, (timer == 1 or timer == 4) and retrans >= retransmits
                 counts[3 + k] += 1
@@ -418,7 +431,7 @@ def audit_namespace(
     # the socket's options (inspection): then the flagged sockets wait for attribution.
     direct = inspector is None and not rules.uses_processes
     kept: list[Sock] = []
-    tally = _Tally(limits)
+    tally = _Tally(limits, probe_cadence(sysctls.keepalive_time, sysctls.keepalive_intvl))
     dump_started = monotonic()
     tally.run(source.sockets(stats), judged.add if direct else kept.append, visit)
     dump_seconds = monotonic() - dump_started
