@@ -16,7 +16,9 @@ from auditd import __version__
 from auditd.audit.run import (
     DEFAULT_MAX_FINDINGS,
     HOST_NETNS,
+    ONE_SHOT_ATTRIBUTION_CAP_SECONDS,
     AuditResult,
+    attribution_note,
     audit,
     bpf_note,
     inspection_error,
@@ -293,7 +295,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
                 source.share(prescan)
                 source.share_bpf(bpf if bpf.loaded else None)
         sources = observe(namespaces, problems)
-        result = audit(rules, sources, inspector=inspector, max_findings=args.max_findings)
+        result = audit(rules, sources, inspector=inspector, max_findings=args.max_findings,
+                       attribution_cap=ONE_SHOT_ATTRIBUTION_CAP_SECONDS)  # fmt: skip
     finally:
         if prescan is not None:
             prescan.close()
@@ -302,6 +305,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     notes = [*problems.by_stage.values(), netns_note(result.skipped_namespaces)]
     notes.append(inspection_error(result.namespaces))  # once, not per namespace
+    notes.append(attribution_note(result.namespaces))
     if args.inspect_sockets:
         notes.append(bpf_note(result.namespaces))
     for message in notes:  # what the audit could only partly read, once each

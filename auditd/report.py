@@ -13,7 +13,7 @@ from typing import Any
 from auditd.audit import hints
 from auditd.audit.evaluate import DEFAULT_RULE
 from auditd.audit.inference import probe_cadence, retries2_timeout
-from auditd.audit.run import AuditResult, NamespaceReport
+from auditd.audit.run import AuditResult, NamespaceReport, attribution_note
 from auditd.config import RuleSet, Thresholds
 from auditd.model import Finding, Keepalive, Sysctls
 
@@ -238,6 +238,9 @@ def to_table(result: AuditResult) -> str:
             else ""
         )
     )
+    note = attribution_note(result.namespaces)
+    if note is not None:
+        lines.append(note)
     return "\n".join(lines) + "\n"
 
 

@@ -17,7 +17,7 @@ from helpers import FakeKernel, make_sock, sysctls
 
 from auditd import __version__, cli
 from auditd.errors import KernelError
-from auditd.kernel import DumpStats
+from auditd.kernel import DumpStats, OwnerScan
 from auditd.model import Sock, TcpState
 
 REPO = Path(__file__).resolve().parent.parent
@@ -227,3 +227,24 @@ def test_max_findings_bad_value_is_one_line(value: str, capsys: pytest.CaptureFi
     assert exc.value.code == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "--max-findings" in err[0], err
+
+
+class CutShort(FakeKernel):
+    def owners(self, inodes, deadline=None):  # type: ignore[no-untyped-def]
+        return OwnerScan({}, complete=False)
+
+
+def test_a_scan_cut_short_says_so_in_the_table_and_on_stderr(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Owners missing in silence (issue 11): the footer and a note name the cut."""
+    good = tmp_path / "rules.yaml"
+    good.write_text("version: 1\n")
+    sources: cli.Sources = lambda: [("host", CutShort([IDLE_PG], sysctls=TUNED))]  # noqa: E731
+    assert cli.main(["audit", "--config", str(good), "--fail-on", "never"], sources=sources) == 0
+    out, err = capsys.readouterr()
+    line = (
+        "owner scan cut short by its time budget (host): 1 of 1 sockets described have no process"
+    )
+    assert line in out.splitlines()[-1]
+    assert f"note: {line}" in err

@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 
 from auditd.audit.evaluate import socket_findings
 from auditd.audit.inference import keepalive_status
-from auditd.audit.run import ATTRIBUTION_MIN_SECONDS, _Judged, audit, audit_namespace
+from auditd.audit.run import (
+    ATTRIBUTION_MIN_SECONDS,
+    ONE_SHOT_ATTRIBUTION_CAP_SECONDS,
+    _Judged,
+    attribution_note,
+    audit,
+    audit_namespace,
+)
 from auditd.config import RuleSet, Thresholds
 from auditd.errors import KernelError
 from auditd.kernel import DumpStats, OwnerScan
@@ -355,3 +362,31 @@ def test_max_findings_with_process_rules_judges_with_the_owner() -> None:
     assert [f.process for f in described] == ["java"] * 3
     assert result.findings_omitted == 7
     assert len(kernel.owner_queries[0]) == 20  # all flagged sockets, to know their rule
+
+
+def test_one_shot_attribution_keeps_looking_within_its_cap() -> None:
+    """A one-shot audit has no next cycle: its owner scan may run until the cap (it stops
+    by itself once every owner is found), not 30 % of a 10 s dump."""
+    kernel = SlowOwners()
+    clock = iter([100.0, 110.0, 110.0])
+    report, _ = audit_namespace(
+        RuleSet(defaults=Thresholds()), kernel, monotonic=lambda: next(clock),
+        attribution_cap=ONE_SHOT_ATTRIBUTION_CAP_SECONDS,
+    )  # fmt: skip
+    assert kernel.deadlines == [110.0 + ONE_SHOT_ATTRIBUTION_CAP_SECONDS]
+    note = attribution_note([report])
+    assert note == (
+        "owner scan cut short by its time budget (host): 1 of 1 sockets described have no "
+        "process, and a generic hint"
+    )
+    complete = audit_namespace(RuleSet(), FakeKernel([IDLE], owners={11: ProcessInfo(7, "psql")}))[
+        0
+    ]
+    assert attribution_note([complete]) is None
+
+
+def test_the_cap_is_shared_by_the_namespaces_of_one_audit() -> None:
+    kernels = [SlowOwners(), SlowOwners()]
+    audit(RuleSet(), [("host", kernels[0]), ("other", kernels[1])], attribution_cap=4.0)
+    first, second = (k.deadlines[0] for k in kernels)
+    assert first is not None and second is not None and second <= first + 0.5

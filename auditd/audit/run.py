@@ -83,6 +83,21 @@ def inspection_error(namespaces: Iterable[NamespaceReport]) -> str | None:
     return None
 
 
+def attribution_note(namespaces: Iterable[NamespaceReport]) -> str | None:
+    """One line when an owner scan was cut short by its time budget, or None: the findings
+    without a process then also lack their application's hint (issue 11)."""
+    short = [ns for ns in namespaces if not ns.attribution_complete]
+    if not short:
+        return None
+    wanted = sum(ns.attribution_wanted for ns in short)
+    found = sum(ns.attribution_found for ns in short)
+    where = ", ".join(ns.netns for ns in short[:3]) + (" ..." if len(short) > 3 else "")
+    return (
+        f"owner scan cut short by its time budget ({where}): {wanted - found} of {wanted} "
+        f"sockets described have no process, and a generic hint"
+    )
+
+
 def bpf_note(namespaces: Iterable[NamespaceReport]) -> str | None:
     """Why exact mode read some namespace's options by pidfd_getfd, not BPF, or None."""
     for ns in namespaces:
@@ -326,6 +341,10 @@ ATTRIBUTION_MIN_SECONDS = 0.25
 # the scan is mostly a full one, and gets a budget to match (an opt-in cost, see README).
 INSPECT_ATTRIBUTION_FRACTION = 2.0
 INSPECT_ATTRIBUTION_MIN_SECONDS = 2.0
+# A one-shot audit (the CLI) has no next cycle to resume in: it looks until every owner of
+# the findings described is found (the scans stop as soon as they are) or the whole of /proc
+# is read, within this cap. On a loaded host 0.25 s found 0 of 22 owners (issue 11).
+ONE_SHOT_ATTRIBUTION_CAP_SECONDS = 10.0
 
 
 def _may_need_options(sock: Sock) -> bool:
@@ -393,6 +412,7 @@ def audit_namespace(
     inspector: Inspector | None = None,
     host: Sysctls | None = None,
     max_findings: int = DEFAULT_MAX_FINDINGS,
+    attribution_cap: float | None = None,
 ) -> tuple[NamespaceReport, list[Finding]]:
     """Raises KernelError when the socket dump cannot be read; everything else is best effort.
     ``host``: the host namespace's sysctls when this is another namespace, so namespace-level
@@ -401,7 +421,9 @@ def audit_namespace(
     ``inspector`` (opt-in): read the exact keepalive options of every socket whose keepalive
     is on or unknown, through its owner's fd; without it the audit infers them.
     ``max_findings``: socket findings described (the worst; 0: all); every one is counted in
-    ``finding_counts``, and only the sockets described are attributed.
+    ``finding_counts``, and only the sockets described are attributed. ``attribution_cap``:
+    the owner scan's budget becomes this (see ONE_SHOT_ATTRIBUTION_CAP_SECONDS) instead of a
+    share of the dump's time, which suits an agent that resumes the scan next cycle.
     """
     sysctls = source.sysctls()
     counters = source.counters()
@@ -443,6 +465,8 @@ def audit_namespace(
     else:
         budget = max(INSPECT_ATTRIBUTION_MIN_SECONDS, INSPECT_ATTRIBUTION_FRACTION * dump_seconds)
         wanted = list({s.inode for s in (*kept, *candidates) if s.inode})
+    if attribution_cap is not None:
+        budget = max(budget, attribution_cap)
     scan = source.owners(wanted, monotonic() + budget) if wanted else OwnerScan()
     inspected = _Inspected() if inspector is None else _inspect(
         inspector, candidates, kept, scan, tally
@@ -532,18 +556,20 @@ def _audit_retrying(
     inspector: Inspector | None = None,
     host: Sysctls | None = None,
     max_findings: int = DEFAULT_MAX_FINDINGS,
+    attribution_cap: float | None = None,
 ) -> tuple[NamespaceReport, list[Finding]]:
-    try:
+    def once() -> tuple[NamespaceReport, list[Finding]]:
         return audit_namespace(
-            rules, source, name, inspector=inspector, host=host, max_findings=max_findings
-        )
+            rules, source, name, inspector=inspector, host=host, max_findings=max_findings,
+            attribution_cap=attribution_cap,
+        )  # fmt: skip
+
+    try:
+        return once()
     except KernelError as exc:
         if not exc.transient:
             raise
-        # ENOBUFS/EINTR: the socket table moved faster than we read it; once more.
-        return audit_namespace(
-            rules, source, name, inspector=inspector, host=host, max_findings=max_findings
-        )
+        return once()  # ENOBUFS/EINTR: the socket table moved faster than we read it
 
 
 def audit(
@@ -553,6 +579,7 @@ def audit(
     timer: Callable[[], float] = time.perf_counter,
     inspector: Inspector | None = None,
     max_findings: int = DEFAULT_MAX_FINDINGS,
+    attribution_cap: float | None = None,
 ) -> AuditResult:
     """Audit each (name, source) namespace, the host first: the others are compared with its
     sysctls. A namespace gone or refused (NamespaceGone), or any other namespace whose kernel
@@ -560,7 +587,11 @@ def audit(
     the rest; a KernelError from the agent's own namespace propagates.
 
     ``max_findings``: socket findings described, the worst of all namespaces (0: all); the
-    others are counted (``findings_omitted``). Namespace findings are always described."""
+    others are counted (``findings_omitted``). Namespace findings are always described.
+    ``attribution_cap``: seconds the owner scans of the whole audit may take together, for a
+    one-shot audit (``audit_namespace``); each namespace gets what is left, at least the
+    usual minimum."""
+    cap_ends = None if attribution_cap is None else time.monotonic() + attribution_cap
     started = clock()
     t0 = timer()
     reports: list[NamespaceReport] = []
@@ -569,7 +600,10 @@ def audit(
     host: Sysctls | None = None
     for name, source in sorted(sources, key=lambda pair: pair[0] != HOST_NETNS):
         try:
-            report, found = _audit_retrying(rules, source, name, inspector, host, max_findings)
+            cap = None if cap_ends is None else max(cap_ends - time.monotonic(), 0.0)
+            report, found = _audit_retrying(
+                rules, source, name, inspector, host, max_findings, attribution_cap=cap
+            )
         except KernelError as exc:
             if name == HOST_NETNS and not isinstance(exc, NamespaceGone):
                 raise
