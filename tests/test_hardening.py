@@ -318,3 +318,39 @@ def test_a_dead_audit_thread_fails_the_health_check(caplog: pytest.LogCaptureFix
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("audit loop died") for m in messages), messages
     assert sum(m.startswith("audit loop unhealthy") for m in messages) == 1  # said once
+
+
+# --- 10. hidepid -----------------------------------------------------------------------------
+
+
+def _fake_proc(tmp_path: Path, options: str, cap_eff: str = "0000000000000000") -> Path:
+    proc = tmp_path / "proc"
+    (proc / "self").mkdir(parents=True)
+    (proc / "self" / "mountinfo").write_text(
+        "22 1 0:21 / /sys rw,nosuid shared:7 - sysfs sysfs rw\n"
+        f"23 1 0:22 / {proc} rw,nosuid,nodev,noexec,relatime shared:13 - proc proc {options}\n"
+    )
+    (proc / "self" / "status").write_text(f"Name:\tpython3\nCapEff:\t{cap_eff}\n")
+    return proc
+
+
+@pytest.mark.parametrize(
+    ("options", "cap_eff", "hidden"),
+    [
+        ("rw", "0", None),
+        ("rw,hidepid=noaccess", "0", None),  # listed and unreadable: counted as denied
+        ("rw,hidepid=invisible", "0", "hidepid=invisible"),
+        ("rw,hidepid=2", "0", "hidepid=2"),
+        ("rw,hidepid=ptraceable", "0", "hidepid=ptraceable"),
+        ("rw,hidepid=invisible", f"{1 << 19:x}", None),  # CAP_SYS_PTRACE sees them all
+        (f"rw,hidepid=invisible,gid={os.getegid()}", "0", None),  # the exempt group
+    ],
+)
+def test_hidden_processes_from_the_proc_mount(
+    tmp_path: Path, options: str, cap_eff: str, hidden: str | None
+) -> None:
+    from auditd.kernel.limits import hidden_processes, proc_mount_options
+
+    proc = _fake_proc(tmp_path, options, cap_eff)
+    assert proc_mount_options(str(proc))["rw"] == ""
+    assert hidden_processes(str(proc)) == hidden

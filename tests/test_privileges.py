@@ -323,3 +323,24 @@ def test_abort_events_need_perfmon_and_tracefs_access(
     watch = ns.run([*TRACEFS, *nobody_argv(mountpoint, caps, ["watch"])], check=False, timeout=30)
     assert watch.returncode == 3 and watch.stdout == ""
     assert watch.stderr.count("\n") == 1 and missing in watch.stderr, watch.stderr
+
+
+def test_processes_hidden_by_hidepid_are_a_noted_limit(
+    ns: netlab.Netns, mountpoint: Path, rules: Path, idle_pair: tuple[str, str]
+) -> None:
+    """/proc mounted hidepid=2: another user's processes are not denied but absent, so the
+    audit found no owner, counted nothing and said ``"complete": true`` (issue 16)."""
+    argv = nobody_argv(mountpoint, [], ["audit", "--format", "json", "--config", str(rules),
+                                        "--fail-on", "never"])  # fmt: skip
+    remount = 'mount -t proc -o hidepid=2 proc /proc && exec "$@"'
+    hidden = ["unshare", "--mount", "--propagation", "private", "sh", "-c", remount, "sh", *argv]
+    proc = ns.run(hidden, check=False, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    [host] = doc["namespaces"]
+    ours = [f for f in doc["findings"] if f["local"] in idle_pair]
+    assert len(ours) == 2 and {f["pid"] for f in ours} == {None}
+    assert host["attribution"]["found"] == 0 and host["attribution"]["complete"] is False
+    [note] = proc.stderr.splitlines()
+    assert note.startswith("keepalive-auditd: note: process attribution limited: /proc is ")
+    assert "hidepid=" in note and "hidden (missing CAP_SYS_PTRACE)" in note

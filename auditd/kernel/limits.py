@@ -14,6 +14,7 @@ needs CAP_SYS_ADMIN (setns, kernel/nsproxy.c).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Collection, Iterator, Sequence
@@ -48,6 +49,46 @@ def missing_capabilities(names: Sequence[str], proc_root: str = "/proc") -> list
     return [name for name in names if not mask >> CAPABILITIES[name] & 1]
 
 
+# hidepid values that make other users' /proc/PID vanish (fs/proc/root.c: "invisible" and
+# "ptraceable"; the numbers are the old spelling). hidepid=1 ("noaccess") leaves them listed
+# and unreadable: that shows as ``OwnerScan.denied``.
+_HIDING = ("2", "invisible", "4", "ptraceable")
+HIDDEN = "process attribution limited: /proc is mounted"
+
+
+def proc_mount_options(proc_root: str = "/proc") -> dict[str, str]:
+    """The super options of the procfs mounted at ``proc_root`` (the topmost), or {}."""
+    options: dict[str, str] = {}
+    target = os.path.abspath(proc_root)
+    try:
+        with open(os.path.join(proc_root, "self", "mountinfo"), encoding="utf-8") as f:
+            for line in f:
+                fields, _, rest = line.partition(" - ")
+                parts, extra = fields.split(), rest.split()
+                if len(parts) >= 5 and len(extra) >= 3 and (parts[4], extra[0]) == (target, "proc"):
+                    options = dict(o.partition("=")[::2] for o in extra[2].split(","))
+    except (OSError, UnicodeDecodeError):
+        return {}
+    return options
+
+
+def hidden_processes(proc_root: str = "/proc") -> str | None:
+    """The mount option hiding other users' processes from this one (``hidepid=2``), or None.
+
+    They are hidden unless this process is in the mount's ``gid=`` group or may ptrace them
+    (CAP_SYS_PTRACE; fs/proc/base.c, ``has_pid_permissions``)."""
+    options = proc_mount_options(proc_root)
+    hide = options.get("hidepid")
+    if hide not in _HIDING:
+        return None
+    gid = options.get("gid", "")
+    if gid.isdigit() and int(gid) in (os.getegid(), *os.getgroups()):
+        return None
+    if missing_capabilities(("CAP_SYS_PTRACE",), proc_root) == []:
+        return None
+    return f"hidepid={hide}"
+
+
 def attribution_problem(scan: OwnerScan, wanted: int) -> str | None:
     """Why owners are missing from ``scan`` when the agent can do something about it, or None.
 
@@ -58,7 +99,12 @@ def attribution_problem(scan: OwnerScan, wanted: int) -> str | None:
     """
     if scan.error is not None:
         return f"process attribution failed: {scan.error}"
-    if not scan.denied or len(scan.found) >= wanted:
+    if len(scan.found) >= wanted:
+        return None
+    hidden = hidden_processes()
+    if hidden is not None:
+        return f"{HIDDEN} {hidden}, other users' processes are hidden (missing CAP_SYS_PTRACE)"
+    if not scan.denied:
         return None
     missing = missing_capabilities(ATTRIBUTION_CAPS)
     if missing == []:
@@ -118,6 +164,8 @@ class ObservedSource:
         problem = attribution_problem(scan, len(set(inodes)))
         if problem is not None:
             self.problems.add("attribution", problem)
+            if scan.complete and problem.startswith(HIDDEN):  # the scan could not see them all
+                scan = dataclasses.replace(scan, complete=False)
         return scan
 
 
