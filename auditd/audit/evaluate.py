@@ -25,6 +25,7 @@ from auditd.audit.inference import (
     recv_idle_ms,
     retries2_timeout,
 )
+from auditd.audit.ruleindex import index_for
 from auditd.config import Match, Rule, RuleSet, SysctlBound, Thresholds
 from auditd.model import (
     Finding,
@@ -149,8 +150,9 @@ def matches(match: Match, sock: Sock, process: ProcessInfo | None) -> bool:
 
 
 def select_rule(rules: RuleSet, sock: Sock, process: ProcessInfo | None) -> Rule | None:
-    """The first rule whose match holds, or None (the defaults apply)."""
-    for rule in rules.rules:
+    """The first rule whose match holds, or None (the defaults apply). Only the rules that
+    may match are tried (``ruleindex``: by port and network), in file order."""
+    for rule in index_for(rules).candidates(sock):
         if matches(rule.match, sock, process):
             return rule
     return None
