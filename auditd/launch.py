@@ -7,6 +7,7 @@ The ``/proc/*/fd`` scan that attributes flagged sockets runs in a child process
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -35,4 +36,20 @@ def entry() -> None:
     from auditd import cli
     from auditd.kernel.prescan import FdPrescan
 
-    sys.exit(cli.main(argv, prescan=FdPrescan(child) if child is not None else None))
+    code = cli.main(argv, prescan=FdPrescan(child) if child is not None else None)
+    if argv[:1] == ["run"]:
+        _exit_now(code)
+    sys.exit(code)
+
+
+def _exit_now(code: int) -> None:
+    """The agent has stopped (its threads told, its sockets closed, "stopped" logged): exit
+    without the interpreter's teardown, which took 1.4 s more with a 14,000-rule set and a
+    reload thread still at work; SIGTERM must end the agent within a second."""
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a full disk: nothing more to say
+            stream.flush()
+    os._exit(code)

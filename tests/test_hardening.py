@@ -354,3 +354,51 @@ def test_hidden_processes_from_the_proc_mount(
     proc = _fake_proc(tmp_path, options, cap_eff)
     assert proc_mount_options(str(proc))["rw"] == ""
     assert hidden_processes(str(proc)) == hidden
+
+
+# --- 3. a large rules file -----------------------------------------------------------------
+
+
+def _tree(node: Any) -> Any:
+    mark = (node.start_mark.line, node.start_mark.column)
+    if isinstance(node.value, list):
+        items = [tuple(_tree(n) for n in v) if isinstance(v, tuple) else _tree(v)
+                 for v in node.value]  # fmt: skip
+        return (type(node).__name__, node.tag, mark, items)
+    return (type(node).__name__, node.tag, mark, node.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        (REPO / "config" / "rules.yaml").read_text(),
+        "version: 1\nrules:\n"
+        + "".join(
+            f"  - name: 'r{i}'\n    match: {{remote_ports: [{i}], states: [close-wait]}}\n"
+            f"    idle_timeout: {i}s  # comment\n    warn_at: 0.{i}\n    ignore: {i % 2 == 0}\n"
+            for i in range(1, 300)
+        ),
+        "a: &x [1, 2, {b: ~, c: !!str 3, d: 2001-01-01}]\nb: *x\n? [complex]\n: |\n  block\n",
+    ],
+    ids=["shipped", "many", "odd"],
+)
+def test_the_fast_loader_composes_what_the_pure_one_does(text: str) -> None:
+    import yaml
+
+    from auditd.config import nodes
+
+    assert nodes._FAST_LOADER is not None, "libyaml missing: the 1 MiB file takes 7 s"
+    fast = yaml.compose(text, Loader=nodes._FAST_LOADER)
+    pure = yaml.compose(text, Loader=yaml.SafeLoader)
+    assert _tree(fast) == _tree(pure)
+
+
+def test_deep_nesting_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    """libyaml's own composer (yaml.CSafeLoader) dies of SIGSEGV on 100,000 ``[``."""
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("[" * 100_000)
+    proc = subprocess.run([sys.executable, "-m", "auditd", "check-config", str(deep)],
+                          capture_output=True, text=True, env=_env(), cwd=REPO, timeout=60,
+                          check=False)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr == f"keepalive-auditd: {deep}:1: invalid YAML: nested too deeply\n"
