@@ -113,8 +113,8 @@ def _duration(text: str) -> float:
         value = parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1s")
+    if not 1 <= value <= MAX_INTERVAL:
+        raise argparse.ArgumentTypeError("must be between 1s and 1d")
     return value
 
 

@@ -198,10 +198,12 @@ def _subcommands(rules: Path) -> list[list[str]]:
         ["explain", "--config", str(rules)],
         ["check-config", str(rules)],
         ["run", "--help"],
+        ["watch", "--help"],
     ]
 
 
-IDS = ["version", "help", "audit-help", "audit-json", "audit-table", "explain", "check", "run"]
+IDS = ["version", "help", "audit-help", "audit-json", "audit-table", "explain", "check", "run",
+       "watch"]  # fmt: skip
 
 
 def _run(argv: list[str], stdout: Any, stderr: Any = subprocess.PIPE) -> tuple[int, str]:
@@ -218,7 +220,7 @@ def _run(argv: list[str], stdout: Any, stderr: Any = subprocess.PIPE) -> tuple[i
     return proc.returncode, (proc.stderr or b"").decode()
 
 
-@pytest.mark.parametrize("index", range(8), ids=IDS)
+@pytest.mark.parametrize("index", range(len(IDS)), ids=IDS)
 def test_a_closed_pipe_is_a_quiet_exit(rules: Path, index: int) -> None:
     """``... | head -c1``: the reader has gone; no traceback, no "Exception ignored"."""
     read, write = os.pipe()
@@ -230,7 +232,7 @@ def test_a_closed_pipe_is_a_quiet_exit(rules: Path, index: int) -> None:
     assert (code, err) in ((0, ""), (141, "")), err
 
 
-@pytest.mark.parametrize("index", range(8), ids=IDS)
+@pytest.mark.parametrize("index", range(len(IDS)), ids=IDS)
 def test_a_full_disk_is_exit_2_and_one_line(rules: Path, index: int) -> None:
     with open("/dev/full", "wb") as full:
         code, err = _run(_subcommands(rules)[index], stdout=full)
@@ -267,6 +269,7 @@ def test_run_start_up_errors_with_stderr_on_a_full_disk(tmp_path: Path) -> None:
         ["run", "--audit.interval=106752d"],  # past threading.TIMEOUT_MAX
         ["run", "--audit.interval=1e308s"],
         ["run", "--audit.interval=0.5s"],
+        ["watch", "--interval=106752d"],
         ["run", f"--web.listen-address={'ü' * 70}:21200"],
         ["run", "--web.listen-address=\udcff:21200"],
         ["run", "--web.listen-address=[example.com]:21200"],
