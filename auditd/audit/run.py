@@ -86,7 +86,8 @@ def inspection_error(namespaces: Iterable[NamespaceReport]) -> str | None:
 def attribution_note(namespaces: Iterable[NamespaceReport]) -> str | None:
     """One line when an owner scan was cut short by its time budget, or None: the findings
     without a process then also lack their application's hint (issue 11)."""
-    short = [ns for ns in namespaces if not ns.attribution_complete]
+    # A scan short of processes /proc hides (hidepid) has a note of its own (kernel/limits).
+    short = [ns for ns in namespaces if not ns.attribution_complete and not ns.attribution_hidden]
     if not short:
         return None
     wanted = sum(ns.attribution_wanted for ns in short)
@@ -125,7 +126,8 @@ class NamespaceReport:
     idle_sum: dict[str, float] = field(default_factory=dict)
     attribution_wanted: int = 0  # flagged sockets whose owner was looked for
     attribution_found: int = 0
-    attribution_complete: bool = True  # False: the time budget ran out before the end
+    attribution_complete: bool = True  # False: the time budget ran out, or processes hidden
+    attribution_hidden: bool = False  # /proc hid other users' processes (hidepid=2)
     differs_from_host: tuple[str, ...] = ()  # sysctls whose value is not the host's
     inspection: Inspection | None = None  # None: not asked for (--inspect-sockets)
     # Every finding of the namespace, described or not: (kind, severity, rule) -> count.
@@ -513,6 +515,7 @@ def audit_namespace(
         attribution_wanted=len(wanted),
         attribution_found=len(owners),
         attribution_complete=scan.complete,
+        attribution_hidden=scan.hidden,
         inspection=None if inspector is None else Inspection(
             inspected.wanted,
             len(options),

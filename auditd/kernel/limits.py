@@ -164,8 +164,8 @@ class ObservedSource:
         problem = attribution_problem(scan, len(set(inodes)))
         if problem is not None:
             self.problems.add("attribution", problem)
-            if scan.complete and problem.startswith(HIDDEN):  # the scan could not see them all
-                scan = dataclasses.replace(scan, complete=False)
+            if problem.startswith(HIDDEN):  # the scan could not see every process
+                scan = dataclasses.replace(scan, complete=False, hidden=True)
         return scan
 
 

@@ -112,6 +112,7 @@ class OwnerScan:
     denied: int = 0  # processes whose fd table we were not allowed to read
     error: str | None = None  # why /proc itself could not be listed
     fds: dict[int, int] = field(default_factory=dict)  # inode -> its fd number in the owner
+    hidden: bool = False  # /proc hides other users' processes (hidepid=2): not all were seen
 
 
 class OwnerCache:
