@@ -315,14 +315,16 @@ def run_child(*args: str) -> dict[str, Any]:
     return dict(json.loads(proc.stdout))
 
 
-def run_process(cmd: Sequence[str], stdout: Any = subprocess.DEVNULL) -> dict[str, Any]:
+def run_process(
+    cmd: Sequence[str], stdout: Any = subprocess.DEVNULL, cwd: str | None = None
+) -> dict[str, Any]:
     """Wall, CPU and peak RSS of a whole process (its children included), its output thrown
     away or written to the file ``stdout``."""
     # stderr to a file, not a pipe read after the wait: ss under `ip netns exec` (no cgroup2
     # mount there) warns once per socket, and 200k warnings would fill a pipe and hang it.
     with tempfile.TemporaryFile() as errors:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=stdout, stderr=errors)
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=errors, cwd=cwd)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -542,7 +544,9 @@ def _measure(
         audits.append(run_child(*audit_args))
         ss.append(run_process(ss_cmd))
         with tempfile.TemporaryFile() as out:
-            cli.append(run_process(cli_cmd, out))
+            # From the checkout: `-m auditd` imports the package of the current directory
+            # first, whichever checkout the bench was started from.
+            cli.append(run_process(cli_cmd, out, cwd=ROOT))
             out.seek(0)
             doc = json.load(out)
         cli[-1]["attribution"] = doc["namespaces"][0]["attribution"]
