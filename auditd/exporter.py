@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from auditd import __version__
-from auditd.audit.evaluate import DEFAULT_RULE
+from auditd.audit.matching import DEFAULT_RULE
 from auditd.audit.run import HOST_NETNS, AuditResult
 from auditd.config import RuleSet
 from auditd.model import FindingKind, Severity

@@ -19,7 +19,8 @@ from prometheus_client.core import (
     Metric,
 )
 
-from auditd.audit.run import HOST_NETNS, IDLE_BUCKETS, AuditResult, NamespaceReport
+from auditd.audit.run import HOST_NETNS, AuditResult, NamespaceReport
+from auditd.audit.tally import IDLE_BUCKETS
 from auditd.kernel.sockdiag import DEFAULT_STATES
 from auditd.model import Keepalive, TcpState
 

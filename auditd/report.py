@@ -11,8 +11,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from auditd.audit import hints
-from auditd.audit.evaluate import DEFAULT_RULE
 from auditd.audit.inference import probe_cadence, retries2_timeout
+from auditd.audit.matching import DEFAULT_RULE
 from auditd.audit.run import AuditResult, NamespaceReport, attribution_note
 from auditd.config import RuleSet, Thresholds
 from auditd.model import Finding, Keepalive, Sysctls

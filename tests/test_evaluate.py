@@ -1,4 +1,4 @@
-"""evaluate: every finding kind from hand-built sockets, rule selection, the could_flag filter."""
+"""Verdicts, namespace findings, matching, the pre-filter: every kind from hand-built sockets."""
 
 from __future__ import annotations
 
@@ -12,18 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from auditd.audit import hints
-from auditd.audit.evaluate import (
-    budget_findings,
-    could_flag,
-    detection_times,
-    loosest,
-    matches,
-    middlebox_cap,
-    select_rule,
-    socket_findings,
-    sysctl_findings,
-)
 from auditd.audit.inference import retransmit_abort_in, zero_window_abort_in
+from auditd.audit.matching import matches, select_rule
+from auditd.audit.namespace import budget_findings, detection_times, sysctl_findings
+from auditd.audit.paths import middlebox_cap
+from auditd.audit.tally import could_flag, loosest
+from auditd.audit.verdicts import socket_findings
 from auditd.config import Match, RuleSet, SysctlBound, Thresholds
 from auditd.model import (
     Finding,

@@ -30,7 +30,7 @@ from helpers import DEFAULT_SYSCTLS, FakeKernel
 from prometheus_client.parser import text_string_to_metric_families
 
 from auditd import cli, report
-from auditd.audit.evaluate import NOT_INHERITED, budget_findings, sysctl_findings
+from auditd.audit.namespace import NOT_INHERITED, budget_findings, sysctl_findings
 from auditd.audit.run import HOST_NETNS, audit
 from auditd.config import RuleSet, SysctlBound, Thresholds
 from auditd.daemon import Daemon, DaemonOptions

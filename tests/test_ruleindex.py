@@ -8,7 +8,7 @@ from helpers import make_sock, rule
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from auditd.audit.evaluate import matches, select_rule
+from auditd.audit.matching import matches, select_rule
 from auditd.audit.ruleindex import RuleIndex
 from auditd.config import Match, Rule, RuleSet
 from auditd.model import ProcessInfo, Sock, TcpState

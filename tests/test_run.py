@@ -11,7 +11,6 @@ from helpers import DEFAULT_SYSCTLS, FakeKernel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from auditd.audit.evaluate import socket_findings
 from auditd.audit.inference import keepalive_status
 from auditd.audit.run import (
     ATTRIBUTION_MIN_SECONDS,
@@ -21,6 +20,7 @@ from auditd.audit.run import (
     audit,
     audit_namespace,
 )
+from auditd.audit.verdicts import socket_findings
 from auditd.config import RuleSet, Thresholds
 from auditd.errors import KernelError
 from auditd.kernel import DumpStats, OwnerScan

@@ -15,13 +15,9 @@ path has been idle for ``warn_at × idle_timeout``.
 from __future__ import annotations
 
 from auditd.audit.inference import Silence, keepalive_silence, path_idle_ms
+from auditd.audit.paths import fmt_s
 from auditd.config import Thresholds
 from auditd.model import Sock, SocketOptions, Sysctls
-
-
-def _fmt_s(seconds: float) -> str:
-    r = round(seconds, 1)
-    return f"{int(r)} s" if r == int(r) else f"{r} s"
 
 
 def too_slow(
@@ -89,7 +85,7 @@ def message(
     why = _exact(s, sysctls, options) if options is not None else _inferred(s, sysctls)
     up_to = "up to" if s.exact or (s.cause == "default" and s.which) else "at least"
     return (
-        f"keepalive is on but leaves the path silent for {up_to} {_fmt_s(s.seconds)} between "
-        f"segments received, longer than the {_fmt_s(t.idle_timeout)} {where} ({why}); idle "
-        f"for {_fmt_s(path_idle_ms(sock) / 1000)} now"
+        f"keepalive is on but leaves the path silent for {up_to} {fmt_s(s.seconds)} between "
+        f"segments received, longer than the {fmt_s(t.idle_timeout)} {where} ({why}); idle "
+        f"for {fmt_s(path_idle_ms(sock) / 1000)} now"
     )

@@ -311,3 +311,13 @@ def abort_in(sock: Sock, sysctls: Sysctls, options: SocketOptions | None = None)
     if sock.timer == TimerKind.ZERO_WINDOW_PROBE and sock.retrans > 0:
         return zero_window_abort_in(sock, sysctls)
     return None
+
+
+def user_timeout_too_short(options: SocketOptions) -> bool:
+    """TCP_USER_TIMEOUT set below keepidle + keepcnt × keepintvl on a socket with keepalive:
+    fewer unanswered probes than keepcnt abort it (tcp_keepalive_timer, shared/KERNEL.md)."""
+    return (
+        options.keepalive
+        and options.user_timeout_ms > 0
+        and options.user_timeout_ms < (options.idle + options.cnt * options.intvl) * 1000
+    )

@@ -9,33 +9,19 @@ flagged sockets are held until attribution.)
 
 from __future__ import annotations
 
-import bisect
 import heapq
-import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import cast
 
-from auditd.audit.evaluate import (
-    DEFAULT_RULE,
-    budget_findings,
-    could_flag,
-    detection_times,
-    judge,
-    loosest,
-    middlebox_cap,
-    select_rule,
-    socket_findings,
-    sysctl_findings,
-)
-from auditd.audit.inference import (
-    KEEPALIVE_STATES,
-    keepalive_status,
-    path_idle_ms,
-    probe_cadence,
-)
-from auditd.config import RuleSet, Thresholds
+from auditd.audit.inference import KEEPALIVE_STATES, keepalive_status, path_idle_ms, probe_cadence
+from auditd.audit.matching import DEFAULT_RULE, select_rule
+from auditd.audit.namespace import budget_findings, detection_times, sysctl_findings
+from auditd.audit.paths import middlebox_cap
+from auditd.audit.tally import Tally, could_flag, loosest
+from auditd.audit.verdicts import idle_severity, judge, socket_findings
+from auditd.config import RuleSet
 from auditd.errors import KernelError, NamespaceGone
 from auditd.kernel import DumpStats, KernelSource, OwnerScan
 from auditd.kernel.inspect import Inspector
@@ -50,17 +36,11 @@ from auditd.model import (
     SocketOptions,
     Sysctls,
     TcpState,
-    state_label,
 )
 
 HOST_NETNS = "host"
 # Socket findings described per audit (the worst first); all of them are counted.
 DEFAULT_MAX_FINDINGS = 1000
-
-# Upper bounds (seconds) of the idle-age histogram: around the middlebox idle timeouts
-# (ALB 60, Azure 240, AWS 350, GCP firewall 600, IPVS 900, GCP NAT 1200) and the 7200 s default.
-IDLE_BUCKETS = (10.0, 60.0, 240.0, 350.0, 600.0, 900.0, 1200.0, 3600.0, 7200.0)
-_IDLE_BOUNDS_MS = [int(b * 1000) for b in IDLE_BUCKETS]
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,98 +147,6 @@ def sort_findings(findings: list[Finding]) -> tuple[Finding, ...]:
     return tuple(sorted(findings, key=_order))
 
 
-_ON, _OFF, _UNKNOWN = range(3)  # indexes of Keepalive.ALL
-_KA_INDEX = {ka: i for i, ka in enumerate(Keepalive.ALL)}
-
-
-class _Tally:
-    """The per-socket pass over a dump: counts, idle histogram, and the pre-filter.
-
-    This loop runs 200k times per audit on a busy host, so it inlines, for ESTABLISHED
-    sockets, what ``keepalive_status``, ``path_idle_ms`` and ``could_flag`` decide (those
-    stay the reference; other states call them). Thresholds are compared in whole
-    milliseconds, one below the limit: the pre-filter may keep a few sockets too many,
-    never one too few, and ``socket_findings`` decides exactly.
-    """
-
-    def __init__(self, limits: Thresholds, defaults_silence: float = math.inf) -> None:
-        """``defaults_silence``: the cadence of the namespace's keepalive sysctls
-        (``probe_cadence``), the silence presumed for a socket on them."""
-        self.limits = limits
-        self.warn_ms = int(limits.warn_at * limits.idle_timeout * 1000) - 1
-        self.idle_timeout_ms = int(limits.idle_timeout * 1000) - 1
-        # keepalive_too_slow (cadence.py) needs the path idle past the warning, and a silence
-        # past the idle timeout: proven by the timer, or presumed from the namespace's values.
-        self.slow_defaults = defaults_silence * 1000 >= self.idle_timeout_ms
-        self.retransmits = limits.retransmit_threshold
-        self.counts = [0] * (64 * 3)  # state * 3 + keepalive index
-        self.hist = [[0] * (len(IDLE_BUCKETS) + 1) for _ in Keepalive.ALL]
-        self.idle_ms_sum = [0, 0, 0]
-        self.total = 0
-
-    def run(
-        self,
-        socks: Iterable[Sock],
-        keep: Callable[[Sock], None],
-        visit: Callable[[Sock], None] | None,
-    ) -> None:
-        """Accounts for every socket and hands the ones that may be flagged to ``keep``;
-        ``visit`` (rarely needed) sees every socket."""
-        counts, hist, sums = self.counts, self.hist, self.idle_ms_sum
-        warn_ms, idle_timeout_ms, retransmits = self.warn_ms, self.idle_timeout_ms, self.retransmits
-        slow_defaults = self.slow_defaults
-        bounds, where, limits = _IDLE_BOUNDS_MS, bisect.bisect_left, self.limits
-        status, flag, ka_index = keepalive_status, could_flag, _KA_INDEX
-        total = 0
-        for sock in socks:
-            total += 1
-            (_, state, timer, retrans, _, _, _, _, expires, _, _, _, _, _, _, _, _, _, _,
-             sent, received, acked, _, _) = sock  # fmt: skip
-            if state == 1:  # ESTABLISHED
-                heard = received if received < acked else acked
-                idle = heard if heard < sent else sent
-                if timer == 0:
-                    k, keep_it = _OFF, idle >= warn_ms
-                elif timer == 2:
-                    k, keep_it = _ON, retrans > 0 or (idle >= warn_ms and (
-                        slow_defaults or heard + expires >= idle_timeout_ms))  # fmt: skip
-                else:
-                    k, keep_it = _UNKNOWN, (timer == 1 or timer == 4) and retrans >= retransmits
-                counts[3 + k] += 1
-                hist[k][where(bounds, idle)] += 1
-                sums[k] += idle
-                if keep_it:
-                    keep(sock)
-            else:
-                counts[(state & 63) * 3 + ka_index[status(sock)]] += 1
-                if flag(sock, limits):
-                    keep(sock)
-            if visit is not None:
-                visit(sock)
-        self.total += total
-
-    def reclassify(self, sock: Sock, was: str, now: str) -> None:
-        """Moves a socket counted as ``was`` to keepalive status ``now`` (socket inspection)."""
-        if was == now:
-            return
-        old, new = _KA_INDEX[was], _KA_INDEX[now]
-        row = (sock.state & 63) * 3
-        self.counts[row + old] -= 1
-        self.counts[row + new] += 1
-        if sock.state == TcpState.ESTABLISHED:
-            idle = path_idle_ms(sock)
-            bucket = bisect.bisect_left(_IDLE_BOUNDS_MS, idle)
-            self.hist[old][bucket] -= 1
-            self.hist[new][bucket] += 1
-            self.idle_ms_sum[old] -= idle
-            self.idle_ms_sum[new] += idle
-
-    def connections(self) -> dict[tuple[str, str], int]:
-        return {
-            (state_label(i // 3), Keepalive.ALL[i % 3]): n for i, n in enumerate(self.counts) if n
-        }
-
-
 _SEVERITY_LABELS = {s: s.label for s in Severity}
 
 
@@ -302,10 +190,9 @@ class _Judged:
     def _idle(self, sock: Sock, warn_after: float, timeout: float) -> None:
         """``add`` of an ESTABLISHED socket without keepalive under the defaults alone."""
         idle_ms = path_idle_ms(sock)
-        idle = idle_ms / 1000
-        if idle < warn_after:
+        severity = idle_severity(idle_ms / 1000, warn_after, timeout)
+        if severity is None:
             return
-        severity = Severity.CRITICAL if idle >= timeout else Severity.WARNING
         key = (FindingKind.IDLE_NO_KEEPALIVE, _SEVERITY_LABELS[severity], DEFAULT_RULE)
         self.counts[key] = self.counts.get(key, 0) + 1
         self._keep((int(severity), idle_ms), sock)
@@ -377,7 +264,7 @@ def _inspect(
     candidates: list[Sock],
     kept: list[Sock],
     scan: OwnerScan,
-    tally: _Tally,
+    tally: Tally,
 ) -> _Inspected:
     """Reads the options of the candidates (and kept sockets) whose owner was found, moves
     the ones whose keepalive status changes in the tally, and finds the sockets that the
@@ -455,7 +342,7 @@ def audit_namespace(
     # the socket's options (inspection): then the flagged sockets wait for attribution.
     direct = inspector is None and not rules.uses_processes
     kept: list[Sock] = []
-    tally = _Tally(limits, probe_cadence(sysctls.keepalive_time, sysctls.keepalive_intvl))
+    tally = Tally(limits, probe_cadence(sysctls.keepalive_time, sysctls.keepalive_intvl))
     dump_started = monotonic()
     tally.run(source.sockets(stats), judged.add if direct else kept.append, visit)
     dump_seconds = monotonic() - dump_started

@@ -41,7 +41,7 @@ DEFAULT_CONFIG_PATH = "/etc/keepalive-auditd/rules.yaml"
 # dead peer is noticed).
 KNOWN_SYSCTLS = SYSCTL_NAMES
 
-# Findings of sockets that no rule matches carry this rule name (audit.evaluate.DEFAULT_RULE);
+# Findings of sockets that no rule matches carry this rule name (audit.matching.DEFAULT_RULE);
 # a user rule of the same name would be indistinguishable from them in output and metrics.
 RESERVED_RULE_NAMES = ("default",)
 

@@ -1,0 +1,213 @@
+"""The per-socket pass over a dump: counts, the idle histogram, and the pre-filter. Pure.
+
+The pre-filter decides which sockets may get a finding under the loosest thresholds of the
+rules (``loosest``): only those are judged (``verdicts.judge``), attributed and described.
+It is defined once, here: ``Tally`` runs it on every socket of a dump (200k on a busy
+host, so ESTABLISHED sockets are decided inline, on whole milliseconds), and
+``could_flag`` is that same pass over one socket. The thresholds are turned into whole
+milliseconds exactly (``_first_ms``), so the integer comparisons decide as the verdicts'
+``ms / 1000 >= seconds`` do: a socket exactly at a threshold is kept.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from operator import itemgetter
+
+from auditd.audit.inference import (
+    KEEPALIVE_STATES,
+    keepalive_status,
+    path_idle_ms,
+    probe_cadence,
+    recv_idle_ms,
+    user_timeout_too_short,
+)
+from auditd.config import RuleSet, Thresholds
+from auditd.model import Keepalive, Sock, SocketOptions, TcpState, TimerKind, state_label
+
+# Upper bounds (seconds) of the idle-age histogram: around the middlebox idle timeouts
+# (ALB 60, Azure 240, AWS 350, GCP firewall 600, IPVS 900, GCP NAT 1200) and the 7200 s default.
+IDLE_BUCKETS = (10.0, 60.0, 240.0, 350.0, 600.0, 900.0, 1200.0, 3600.0, 7200.0)
+_IDLE_BOUNDS_MS = [int(b * 1000) for b in IDLE_BUCKETS]
+
+_ON, _OFF, _UNKNOWN = range(3)  # indexes of Keepalive.ALL
+_KA_INDEX = {ka: i for i, ka in enumerate(Keepalive.ALL)}
+# The fields the pass reads, in this order, picked by one C call per socket.
+_FIELDS = ("state", "timer", "retrans", "expires_ms", "last_data_sent_ms", "last_data_recv_ms",
+           "last_ack_recv_ms")  # fmt: skip
+_pick = itemgetter(*(Sock._fields.index(name) for name in _FIELDS))
+
+
+def loosest(rules: RuleSet, cap: float | None = None) -> Thresholds:
+    """The thresholds that flag the most: a socket not flagged by these is flagged by no rule.
+
+    ``cap``: the tightest local middlebox timeout of the namespace (``paths.middlebox_cap``),
+    which replaces every rule's idle_timeout that is longer, as in ``verdicts.judge``.
+    """
+    every = [rules.defaults, *(r.thresholds for r in rules.rules if not r.ignore)]
+    if cap is not None:
+        every = [replace(t, idle_timeout=cap) if cap < t.idle_timeout else t for t in every]
+    idle_timeout = min(t.idle_timeout for t in every)
+    warn_after = min(t.warn_at * t.idle_timeout for t in every)
+    warn_at = warn_after / max(idle_timeout, 1e-9)
+    # The pass multiplies back: rounding must not put the loosest warning after a rule's.
+    while warn_at * idle_timeout > warn_after:
+        warn_at = math.nextafter(warn_at, 0.0)
+    return Thresholds(
+        idle_timeout=idle_timeout,
+        warn_at=warn_at,
+        detection_budget=min(t.detection_budget for t in every),
+        close_wait_after=min(t.close_wait_after for t in every),
+        retransmit_threshold=min(t.retransmit_threshold for t in every),
+    )
+
+
+def _first_ms(holds: Callable[[float], bool], seconds: float) -> int:
+    """The fewest whole milliseconds ``ms`` for which ``holds(ms / 1000)``, near ``seconds``
+    (the predicate is monotonic): the float comparison the verdicts make, made an integer."""
+    ms = max(0, math.floor(seconds * 1000) - 2)
+    while not holds(ms / 1000):
+        ms += 1
+    return ms
+
+
+class Tally:
+    """Counts every socket by state and keepalive status, the idle ages of ESTABLISHED ones,
+    and hands the sockets the pre-filter keeps on."""
+
+    def __init__(self, limits: Thresholds, defaults_silence: float = math.inf) -> None:
+        """``defaults_silence``: the cadence of the namespace's keepalive sysctls
+        (``inference.probe_cadence``), the silence presumed for a socket on them."""
+        self.limits = limits
+        warn = limits.warn_at * limits.idle_timeout
+        timeout, close_wait = limits.idle_timeout, limits.close_wait_after
+        # Idle this long, a socket may be flagged: without keepalive, or with one too slow.
+        self.warn_ms = _first_ms(lambda s: s >= warn, warn)
+        # keepalive_too_slow (audit.cadence) needs the path idle past the warning and a
+        # silence past the idle timeout: proven by the timer (the next probe this far after
+        # the last segment received), or presumed from the namespace's keepalive values.
+        self.probe_ms = _first_ms(lambda s: s >= timeout, timeout) - 1
+        self.slow_defaults = defaults_silence >= timeout
+        self.close_wait_ms = _first_ms(lambda s: s >= close_wait, close_wait)
+        self.retransmits = limits.retransmit_threshold
+        self.counts = [0] * (64 * 3)  # state * 3 + keepalive index
+        self.hist = [[0] * (len(IDLE_BUCKETS) + 1) for _ in Keepalive.ALL]
+        self.idle_ms_sum = [0, 0, 0]
+        self.total = 0
+
+    def run(
+        self,
+        socks: Iterable[Sock],
+        keep: Callable[[Sock], None],
+        visit: Callable[[Sock], None] | None,
+    ) -> None:
+        """Accounts for every socket and hands the ones that may be flagged to ``keep``;
+        ``visit`` (rarely needed) sees every socket."""
+        counts, hist, sums = self.counts, self.hist, self.idle_ms_sum
+        warn_ms, retransmits = self.warn_ms, self.retransmits
+        probe_ms, slow_defaults = self.probe_ms, self.slow_defaults
+        bounds, where, pick = _IDLE_BOUNDS_MS, bisect.bisect_left, _pick
+        status, ka_index, other = keepalive_status, _KA_INDEX, self._keeps_other
+        total = 0
+        for sock in socks:
+            total += 1
+            state, timer, retrans, expires, sent, received, acked = pick(sock)
+            if state == 1:  # ESTABLISHED; keepalive_status and path_idle_ms, inlined
+                heard = received if received < acked else acked
+                idle = heard if heard < sent else sent
+                if timer == 0:
+                    k, keep_it = _OFF, idle >= warn_ms
+                elif timer == 2:
+                    k, keep_it = _ON, retrans > 0 or (idle >= warn_ms and (
+                        slow_defaults or heard + expires >= probe_ms))  # fmt: skip
+                else:
+                    k, keep_it = _UNKNOWN, (timer == 1 or timer == 4) and retrans >= retransmits
+                counts[3 + k] += 1
+                hist[k][where(bounds, idle)] += 1
+                sums[k] += idle
+                if keep_it:
+                    keep(sock)
+            else:
+                counts[(state & 63) * 3 + ka_index[status(sock)]] += 1
+                if other(sock):
+                    keep(sock)
+            if visit is not None:
+                visit(sock)
+        self.total += total
+
+    def _keeps_other(self, sock: Sock) -> bool:
+        """The pre-filter outside ESTABLISHED: only CLOSE_WAIT has findings (its timer is
+        still the keepalive timer; in FIN_WAIT2 it counts down tcp_fin_timeout)."""
+        if sock.state != TcpState.CLOSE_WAIT:
+            return False
+        heard = recv_idle_ms(sock)
+        if heard >= self.close_wait_ms:
+            return True
+        timer = sock.timer
+        if timer == TimerKind.RETRANSMIT or timer == TimerKind.ZERO_WINDOW_PROBE:
+            return sock.retrans >= self.retransmits
+        if timer == TimerKind.KEEPALIVE:
+            return sock.retrans > 0 or (path_idle_ms(sock) >= self.warn_ms and (
+                self.slow_defaults or heard + sock.expires_ms >= self.probe_ms))  # fmt: skip
+        return False
+
+    def reclassify(self, sock: Sock, was: str, now: str) -> None:
+        """Moves a socket counted as ``was`` to keepalive status ``now`` (socket inspection)."""
+        if was == now:
+            return
+        old, new = _KA_INDEX[was], _KA_INDEX[now]
+        row = (sock.state & 63) * 3
+        self.counts[row + old] -= 1
+        self.counts[row + new] += 1
+        if sock.state == TcpState.ESTABLISHED:
+            idle = path_idle_ms(sock)
+            bucket = bisect.bisect_left(_IDLE_BOUNDS_MS, idle)
+            self.hist[old][bucket] -= 1
+            self.hist[new][bucket] += 1
+            self.idle_ms_sum[old] -= idle
+            self.idle_ms_sum[new] += idle
+
+    def connections(self) -> dict[tuple[str, str], int]:
+        return {
+            (state_label(i // 3), Keepalive.ALL[i % 3]): n for i, n in enumerate(self.counts) if n
+        }
+
+
+def could_flag(sock: Sock, t: Thresholds, options: SocketOptions | None = None) -> bool:
+    """True if some socket finding may apply under thresholds ``t`` (see ``loosest``): the
+    pre-filter of ``Tally`` on this one socket, or, when the socket's own ``options`` were
+    read, the pre-filter of the inspection path."""
+    if options is not None:
+        return _could_flag_exact(sock, t, options)
+    kept: list[Sock] = []
+    Tally(t).run((sock,), kept.append, None)
+    return bool(kept)
+
+
+def _could_flag_exact(sock: Sock, t: Thresholds, options: SocketOptions) -> bool:
+    """could_flag with SO_KEEPALIVE and TCP_KEEPIDLE known: on the opt-in inspection path."""
+    state = sock.state
+    if state not in KEEPALIVE_STATES:
+        return False
+    if state == TcpState.CLOSE_WAIT and recv_idle_ms(sock) / 1000 >= t.close_wait_after:
+        return True
+    timer = sock.timer
+    if options.keepalive:
+        if user_timeout_too_short(options):
+            return True
+        if (
+            probe_cadence(options.idle, options.intvl) > t.idle_timeout
+            and path_idle_ms(sock) / 1000 >= t.warn_at * t.idle_timeout
+        ):
+            return True
+        if timer == TimerKind.KEEPALIVE:
+            return sock.retrans > 0
+    elif state == TcpState.ESTABLISHED and timer not in (TimerKind.RETRANSMIT,
+                                                         TimerKind.ZERO_WINDOW_PROBE):  # fmt: skip
+        return path_idle_ms(sock) / 1000 >= t.warn_at * t.idle_timeout
+    if timer == TimerKind.RETRANSMIT or timer == TimerKind.ZERO_WINDOW_PROBE:
+        return sock.retrans >= t.retransmit_threshold
+    return False
