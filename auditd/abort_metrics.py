@@ -18,8 +18,8 @@ from prometheus_client.registry import Collector
 from auditd.abort_records import UNKNOWN
 from auditd.aborts import Reason
 from auditd.audit.matching import DEFAULT_RULE
-from auditd.audit.run import HOST_NETNS
 from auditd.events import AbortState
+from auditd.results import HOST_NETNS
 
 
 class AbortCollector(Collector):

@@ -13,8 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from auditd.aborts import KernelAbort, Reason, classify
-from auditd.audit.run import AuditResult
 from auditd.model import Finding, SocketOptions, Sysctls, state_label
+from auditd.results import AuditResult
 
 UNKNOWN = "unknown"  # netns or rule of an abort no audit had seen
 

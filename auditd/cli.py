@@ -10,19 +10,10 @@ import argparse
 import errno
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from auditd import __version__
-from auditd.audit.run import (
-    DEFAULT_MAX_FINDINGS,
-    HOST_NETNS,
-    ONE_SHOT_ATTRIBUTION_CAP_SECONDS,
-    AuditResult,
-    attribution_note,
-    audit,
-    bpf_note,
-    inspection_error,
-)
+from auditd.audit.run import ONE_SHOT_ATTRIBUTION_CAP_SECONDS
 from auditd.config import (
     DEFAULT_CONFIG_PATH,
     ConfigError,
@@ -32,15 +23,12 @@ from auditd.config import (
     parse_duration,
 )
 from auditd.config.errors import one_line
-from auditd.errors import AuditdError, NamespaceGone
+from auditd.errors import AuditdError
 from auditd.httpserver import MAX_CONNECTIONS
-from auditd.kernel import KernelSource, LocalKernel, NamespaceKernel
-from auditd.kernel.bpf.exact import BpfAudit, ExactInspector, process_iterators
-from auditd.kernel.inspect import SocketInspector
-from auditd.kernel.limits import Problems, netns_note, observe
-from auditd.kernel.netns import enumerate_namespaces
-from auditd.kernel.prescan import FdPrescan
+from auditd.kernel.owners.prescan import FdPrescan
 from auditd.model import Severity
+from auditd.results import DEFAULT_MAX_FINDINGS, AuditResult
+from auditd.session import NETNS_SOURCES, AuditOptions, AuditSession, Namespaces
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1
@@ -239,27 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# The namespaces to audit, as (name, source) pairs: a parameter of main() so tests can hand
-# in fakes (like the daemon's ``sources``).
-Sources = Callable[[], list[tuple[str, KernelSource]]]
-
-
-def local_sources() -> list[tuple[str, KernelSource]]:
-    return [(HOST_NETNS, LocalKernel())]
-
-
-def all_sources() -> list[tuple[str, KernelSource]]:
-    """Every network namespace of the host (``--netns all``), named for people: the agent's
-    own through LocalKernel, each other one entered from a thread of its own."""
-    return [
-        (ref.name, LocalKernel() if ref.host else NamespaceKernel(ref))
-        for ref in enumerate_namespaces()
-    ]
-
-
-NETNS_SOURCES: dict[str, Sources] = {"self": local_sources, "all": all_sources}
-
-
 def _load(path: str | None) -> RuleSet:
     return load_rules_or_default(path)
 
@@ -276,57 +243,34 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from auditd import report
 
     rules = _load(args.config)
-    problems = Problems()
+    options = AuditOptions(
+        inspect_sockets=args.inspect_sockets,
+        max_findings=args.max_findings,
+        attribution_cap=ONE_SHOT_ATTRIBUTION_CAP_SECONDS,  # no next cycle to resume in
+    )
     # Owners (and, in exact mode, every socket's options) from the BPF iterators when they
-    # load; else the /proc/*/fd scan, which runs in a child while this process dumps (one
-    # for every namespace: socket inodes are global; auditd.launch may have started it).
-    bpf = BpfAudit(process_iterators())
-    inspector = ExactInspector(bpf, SocketInspector()) if args.inspect_sockets else None
-    prescan = args.prescan
-    if bpf.loaded and prescan is not None:
-        prescan.close()
-        prescan = None
-    elif not bpf.loaded and prescan is None:
-        prescan = FdPrescan.start()
-    try:
-        namespaces = args.sources()
-        for _, source in namespaces:
-            if isinstance(source, LocalKernel):  # or NamespaceKernel
-                source.share(prescan)
-                source.share_bpf(bpf if bpf.loaded else None)
-        sources = observe(namespaces, problems)
-        result = audit(rules, sources, inspector=inspector, max_findings=args.max_findings,
-                       attribution_cap=ONE_SHOT_ATTRIBUTION_CAP_SECONDS)  # fmt: skip
-    finally:
-        if prescan is not None:
-            prescan.close()
+    # load; else the /proc/*/fd scan, which runs in a child while this process dumps
+    # (auditd.launch may have started it already).
+    run = AuditSession(args.sources, options).audit(rules, prescan=args.prescan)
+    result = run.result
     out = report.to_json(result) + "\n" if args.format == "json" else report.to_table(result)
     sys.stdout.write(out)
     sys.stdout.flush()
-    notes = [*problems.by_stage.values(), netns_note(result.skipped_namespaces)]
-    notes.append(inspection_error(result.namespaces))  # once, not per namespace
-    notes.append(attribution_note(result.namespaces))
-    if args.inspect_sockets:
-        notes.append(bpf_note(result.namespaces))
-    for message in notes:  # what the audit could only partly read, once each
-        if message is not None:
-            _say(f"{PROG}: note: {message}")
+    for message in run.notes():  # what the audit could only partly read, once each
+        _say(f"{PROG}: note: {message}")
     return _exit_code(result, args.fail_on)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from auditd import report
-    from auditd.audit.run import audit_namespace
 
     rules = _load(args.config)
     parts = []
-    for name, source in args.sources():
-        try:
-            ns, _ = audit_namespace(rules, source, name)
-        except NamespaceGone as exc:
-            parts.append(f"netns {name}: skipped: {exc}\n")
-            continue
-        parts.append(report.explain(rules, ns))
+    for ns in AuditSession(args.sources).namespace_sysctls():
+        if ns.sysctls is None:
+            parts.append(f"netns {ns.netns}: skipped: {ns.error}\n")
+        else:
+            parts.append(report.explain(rules, ns.netns, ns.inode, ns.sysctls))
     sys.stdout.write("\n".join(parts))
     return EXIT_OK
 
@@ -382,6 +326,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_watch(args: argparse.Namespace) -> int:
     from auditd import watch
 
+    args.say = lambda message: _say(f"{PROG}: {message}")  # notes of the audit thread
+
     return watch.cmd_watch(args)
 
 
@@ -396,7 +342,7 @@ COMMANDS = {
 
 def main(
     argv: Sequence[str] | None = None,
-    sources: Sources | None = None,
+    sources: Namespaces | None = None,
     prescan: FdPrescan | None = None,
 ) -> int:
     """``sources`` replaces the namespaces --netns would pick (tests hand in fakes);
@@ -424,7 +370,7 @@ def main(
     return code
 
 
-def _main(argv: Sequence[str] | None, sources: Sources | None, prescan: FdPrescan | None) -> int:
+def _main(argv: Sequence[str] | None, sources: Namespaces | None, prescan: FdPrescan | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.sources = sources or NETNS_SOURCES[getattr(args, "netns", "self")]

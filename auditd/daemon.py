@@ -19,7 +19,6 @@ from dataclasses import dataclass, replace
 
 from auditd import __version__, logs
 from auditd.abort_metrics import AbortCollector
-from auditd.audit.run import DEFAULT_MAX_FINDINGS, AuditResult, audit, inspection_error
 from auditd.config import (
     ConfigError,
     RuleSet,
@@ -34,17 +33,12 @@ from auditd.exporter import ExporterState
 from auditd.findlog import FindingLog
 from auditd.http import MetricsServer
 from auditd.httpserver import MAX_CONNECTIONS
-from auditd.kernel import KernelSource, LocalKernel, OwnerCache
-from auditd.kernel.bpf.exact import BpfAudit, ExactInspector
-from auditd.kernel.bpf.iterators import Iterators
-from auditd.kernel.inspect import SocketInspector
-from auditd.kernel.limits import Problems, netns_note, observe
-from auditd.kernel.prescan import FdPrescan
+from auditd.kernel.limits import netns_note
 from auditd.model import Severity
 from auditd.notify import Notifier, watchdog_interval
+from auditd.results import DEFAULT_MAX_FINDINGS, AuditResult, inspection_error
+from auditd.session import AuditOptions, AuditSession, Namespaces
 from auditd.signals import Signals
-
-Sources = Callable[[], list[tuple[str, KernelSource]]]
 
 # Error stages of an audit, cleared ("audit recovered") by the first audit without them.
 AUDIT_STAGES = ("dump", "netns", "internal", "sysctls", "counters", "attribution")
@@ -79,13 +73,17 @@ class Daemon:
     def __init__(
         self,
         options: DaemonOptions,
-        sources: Sources,
+        sources: Namespaces,
         log: logging.Logger,
         notifier: Notifier | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.options = options
-        self.sources = sources
+        self.session = AuditSession(
+            sources,
+            AuditOptions(options.inspect_sockets, options.max_findings),
+            clock=clock,
+        )
         self.log = log
         self.notifier = notifier or Notifier()
         self.clock = clock
@@ -106,14 +104,8 @@ class Daemon:
         self._ready_sent = False
         self.server: MetricsServer | None = None
         self.web = WebConfig()
-        self.owner_caches: dict[str, OwnerCache] = {}
-        # The first audit, with cold owner caches, scans /proc in a child process while it
-        # dumps (auditd.kernel.prescan); the next ones re-check the owners they know and go on
-        # in-process from where that scan stopped, if it ran out of time.
-        self.owners_cold = True
         self._skipped: set[str] = set()  # namespaces skipped by the last audit
         self._inspection_error: str | None = None
-        self.iterators = Iterators()  # loaded on the first audit, kept; retried until they load
         self._bpf_note: str | None = None
         self.aborts = AbortWatch(log)  # the kernel's abort events: a thread of its own
 
@@ -173,21 +165,8 @@ class Daemon:
     def audit_once(self) -> AuditResult | None:
         rules = self.state.rules
         started = self.clock()
-        bpf = BpfAudit(self.iterators)
-        self._note_bpf(bpf.note)
-        prescan = FdPrescan.start() if self.owners_cold and not bpf.loaded else None
         try:
-            problems = Problems()
-            inspector = (
-                ExactInspector(bpf, SocketInspector()) if self.options.inspect_sockets else None
-            )
-            result = audit(
-                rules,
-                observe(self._sources(prescan, bpf), problems),
-                clock=self.clock,
-                inspector=inspector,
-                max_findings=self.options.max_findings,
-            )
+            run = self.session.audit(rules)
         except KernelError as exc:
             self._fail("dump", str(exc))
             return None
@@ -197,11 +176,9 @@ class Daemon:
         except Exception as exc:  # a bug must not kill the agent; count it and go on
             self._fail("internal", f"{type(exc).__name__}: {exc}")
             return None
-        finally:
-            if prescan is not None:
-                prescan.close()
-        self.owners_cold = False
-        self._settle(problems)
+        result = run.result
+        self._note_bpf(run.bpf)
+        self._settle(run.problems)
         self._count_skipped(result)
         self._note_inspection(inspection_error(result.namespaces))
         self._update(result=result, last_success=started)
@@ -248,25 +225,6 @@ class Daemon:
                 })  # fmt: skip
         self._skipped = set(skipped)
 
-    def _sources(
-        self, prescan: FdPrescan | None = None, bpf: BpfAudit | None = None
-    ) -> list[tuple[str, KernelSource]]:
-        """This cycle's namespaces, each with the owner cache its namespace had last cycle:
-        attribution re-checks known owners and resumes an unfinished /proc scan (or asks
-        ``prescan``, the scan started in a child for this cycle)."""
-        sources = self.sources()
-        caches: dict[str, OwnerCache] = {}
-        for name, source in sources:
-            if isinstance(source, LocalKernel) and source.owner_cache is None:  # or NamespaceKernel
-                cache = self.owner_caches.get(name)  # (an empty cache is falsy: no `or`)
-                source.owner_cache = cache if cache is not None else OwnerCache()
-                source.share(prescan)
-                caches[name] = source.owner_cache
-            if isinstance(source, LocalKernel) and bpf is not None and bpf.loaded:
-                source.share_bpf(bpf)  # every socket's owner from one pass of the iterator
-        self.owner_caches = caches  # namespaces gone since take their caches with them
-        return sources
-
     def _fail(
         self, stage: str, message: str, event: str = "audit failed", *, once: bool = True
     ) -> None:
@@ -276,14 +234,14 @@ class Daemon:
             self.log.error(event, extra={"stage": stage, "error": message})
         self._failing[stage] = message
 
-    def _settle(self, problems: Problems) -> None:
-        """After an audit that ran: count what it could only partly read, log what is new,
-        and say which errors are over."""
-        for stage, message in problems.by_stage.items():
+    def _settle(self, problems: dict[str, str]) -> None:
+        """After an audit that ran: count what it could only partly read (stage -> message),
+        log what is new, and say which errors are over."""
+        for stage, message in problems.items():
             self._fail(stage, message, "audit incomplete")
         for stage in AUDIT_STAGES:
             last = self._failing.get(stage)
-            if last is not None and stage not in problems.by_stage:
+            if last is not None and stage not in problems:
                 del self._failing[stage]
                 self.log.info("audit recovered", extra={"stage": stage, "after": last})
         dropped = logs.dropped_lines(self.log)

@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, field
 
 from auditd.abort_records import AbortIndex, AbortRecord, make_record
 from auditd.aborts import Correlator
-from auditd.audit.run import AuditResult
 from auditd.errors import AuditdError
 from auditd.kernel.events import Batch, EventSource, Kind, open_event_source
 from auditd.kernel.events.sockopts import OptionsReader
+from auditd.results import AuditResult
 
 READ_TIMEOUT = 0.2  # seconds a read waits: how fast the thread notices it must stop
 RETRY = 30.0  # seconds before reopening the events after they failed

@@ -61,6 +61,21 @@ class TcpState(IntEnum):
         return self.name.lower()
 
 
+# Every state but LISTEN (not a connection) and TIME_WAIT/CLOSE: a busy host has many
+# TIME_WAIT minisockets, which carry no tcp_info and cannot go half-open.
+AUDITED_STATES = frozenset(
+    {
+        TcpState.ESTABLISHED,
+        TcpState.SYN_SENT,
+        TcpState.SYN_RECV,
+        TcpState.FIN_WAIT1,
+        TcpState.FIN_WAIT2,
+        TcpState.CLOSE_WAIT,
+        TcpState.LAST_ACK,
+        TcpState.CLOSING,
+    }
+)
+
 # int state -> label, for the hot paths (an IntEnum lookup costs microseconds).
 STATE_LABELS: dict[int, str] = {s.value: s.label for s in TcpState}
 
@@ -375,7 +390,7 @@ class Finding:
     abort_in_seconds: float | None = None
     pid: int | None = None
     process: str | None = None
-    cmdline: str | None = None  # cut short (auditd.kernel.procs.CMDLINE_MAX)
+    cmdline: str | None = None  # cut short (auditd.kernel.owners.scan.CMDLINE_MAX)
     unit: str | None = None
     container: str | None = None
     inode: int | None = None

@@ -19,10 +19,9 @@ from prometheus_client.core import (
     Metric,
 )
 
-from auditd.audit.run import HOST_NETNS, AuditResult, NamespaceReport
 from auditd.audit.tally import IDLE_BUCKETS
-from auditd.kernel.sockdiag import DEFAULT_STATES
-from auditd.model import Keepalive, TcpState
+from auditd.model import AUDITED_STATES, Keepalive, TcpState
+from auditd.results import HOST_NETNS, AuditResult, NamespaceReport
 
 AS_OF = "As of the last audit."
 OTHERS = "Other namespaces than host: only"  # how each HELP says which series are left out
@@ -46,7 +45,7 @@ SYSCTL_METRICS = (
 # Sysctls every Linux namespace has (net/ipv4/sysctl_net_ipv4.c): one missing is a failed read.
 CORE_SYSCTLS = tuple(name for _, name, _ in SYSCTL_METRICS if name.startswith("net.ipv4."))
 READ_PARTS = ("attribution", "counters", "dump", "sysctls")
-PRESET_STATES = sorted({TcpState(s).label for s in DEFAULT_STATES})
+PRESET_STATES = sorted({TcpState(s).label for s in AUDITED_STATES})
 
 
 def host_of(result: AuditResult) -> NamespaceReport | None:

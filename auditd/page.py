@@ -15,10 +15,10 @@ import html
 from collections.abc import Iterable
 
 from auditd import __version__
-from auditd.audit.run import AuditResult, NamespaceReport
 from auditd.exporter import ExporterState
 from auditd.model import Finding, Keepalive, Severity
 from auditd.report import rfc3339
+from auditd.results import AuditResult, NamespaceReport
 
 STYLE = (
     "body{font-family:sans-serif;margin:1.5em;color:#222}"

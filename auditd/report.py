@@ -13,9 +13,9 @@ from typing import Any
 from auditd.audit import hints
 from auditd.audit.inference import probe_cadence, retries2_timeout
 from auditd.audit.matching import DEFAULT_RULE
-from auditd.audit.run import AuditResult, NamespaceReport, attribution_note
 from auditd.config import RuleSet, Thresholds
 from auditd.model import Finding, Keepalive, Sysctls
+from auditd.results import AuditResult, NamespaceReport, attribution_note
 
 SCHEMA_VERSION = 1
 
@@ -301,9 +301,9 @@ def _middleboxes(s: Sysctls) -> list[str]:
     return lines
 
 
-def explain(rules: RuleSet, ns: NamespaceReport) -> str:
-    s = ns.sysctls
-    lines = [f"netns {ns.netns}" + (f" (inode {ns.inode})" if ns.inode else "")]
+def explain(rules: RuleSet, netns: str, inode: int | None, s: Sysctls) -> str:
+    """The arithmetic behind a namespace's detection times, from its sysctls."""
+    lines = [f"netns {netns}" + (f" (inode {inode})" if inode else "")]
     lines.append("sysctls:")
     for name, value in sorted(s.values.items()):
         lines.append(f"  {name} = {value}")

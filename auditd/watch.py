@@ -16,14 +16,10 @@ from dataclasses import asdict
 from typing import Any
 
 from auditd.abort_records import AbortRecord
-from auditd.audit.run import audit
 from auditd.config import load_rules_or_default
 from auditd.events import READ_TIMEOUT, AbortPipeline, open_pipeline, wall_offset
-from auditd.kernel import LocalKernel
-from auditd.kernel.bpf.exact import BpfAudit, process_iterators
-from auditd.kernel.limits import Problems, observe
-from auditd.kernel.prescan import FdPrescan
 from auditd.report import rfc3339
+from auditd.session import AuditSession
 
 COLUMNS = ("TIME", "NETNS", "LOCAL", "REMOTE", "REASON", "OWNER", "RULE", "PREDICTED")
 
@@ -64,34 +60,21 @@ class _Auditor(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
-        from auditd.cli import PROG, _say
-
+        # Owners as ``audit`` finds them (the BPF iterators when they load, else the /proc/*/fd
+        # scan), with the owner caches of one session across the audits.
+        session = AuditSession(self.args.sources)
         while not self.stop.is_set():
             try:
-                self._audit()
+                self._audit(session)
             except Exception as exc:  # the events go on with the last audit
-                _say(f"{PROG}: note: audit failed, matching against the last one: {exc}")
+                self.args.say(f"note: audit failed, matching against the last one: {exc}")
             if not self.ready.is_set():
                 self.ready.set()
-                _say(f"{PROG}: watching connection aborts (audits every {self.args.interval:g}s)")
+                self.args.say(f"watching connection aborts (audits every {self.args.interval:g}s)")
             self.stop.wait(self.args.interval)
 
-    def _audit(self) -> None:
-        """One audit, finding owners as ``audit`` does: the BPF iterators when they load
-        (their owner pass is one audit's), else the /proc/*/fd scan in a child."""
-        rules = load_rules_or_default(self.args.config)
-        bpf = BpfAudit(process_iterators())
-        prescan = None if bpf.loaded else FdPrescan.start()
-        try:
-            namespaces = self.args.sources()
-            for _, source in namespaces:
-                if isinstance(source, LocalKernel):  # or NamespaceKernel
-                    source.share(prescan)
-                    source.share_bpf(bpf if bpf.loaded else None)
-            result = audit(rules, observe(namespaces, Problems()))
-        finally:
-            if prescan is not None:
-                prescan.close()
+    def _audit(self, session: AuditSession) -> None:
+        result = session.audit(load_rules_or_default(self.args.config)).result
         with self.lock:
             self.pipeline.index.update(result)
 

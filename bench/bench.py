@@ -188,9 +188,9 @@ def _has_done(chunk: memoryview) -> bool:
     return False
 
 
-def _timed_kernel(prescan: Any) -> Any:
+def _timed_kernel(prescan: Any, bpf: Any) -> Any:
     """LocalKernel with the time spent in attribution recorded."""
-    from auditd.kernel import LocalKernel
+    from auditd.kernel import LocalKernel, OwnerFinder
 
     class TimedKernel(LocalKernel):
         owners_seconds = 0.0
@@ -204,7 +204,7 @@ def _timed_kernel(prescan: Any) -> Any:
                 self.owners_seconds += time.perf_counter() - t0
                 self.owners_wanted += len(inodes)
 
-    return TimedKernel(prescan=prescan)
+    return TimedKernel(owners=OwnerFinder(prescan=prescan, bpf=bpf))
 
 
 class _Timer:
@@ -245,7 +245,7 @@ def child_audit(rules_file: str, inspect: bool = False) -> dict[str, Any]:
     from auditd.kernel.bpf.exact import BpfAudit, ExactInspector
     from auditd.kernel.bpf.iterators import Iterators
     from auditd.kernel.inspect import SocketInspector
-    from auditd.kernel.prescan import FdPrescan
+    from auditd.kernel.owners.prescan import FdPrescan
 
     rules = load_rules(rules_file)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -256,8 +256,7 @@ def child_audit(rules_file: str, inspect: bool = False) -> dict[str, Any]:
     timer = _Timer()
     inspector = _TimedInspector(ExactInspector(bpf, SocketInspector()), timer) if inspect else None
     prescan = None if bpf.loaded else FdPrescan.start()
-    kernel = _timed_kernel(prescan)
-    kernel.share_bpf(bpf if bpf.loaded else None)
+    kernel = _timed_kernel(prescan, bpf if bpf.loaded else None)
     scan_child_peak_mb = 0.0
     try:
         result = audit(rules, [("host", kernel)], inspector=inspector)

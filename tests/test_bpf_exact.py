@@ -22,16 +22,18 @@ import netlab
 import pytest
 
 from auditd import logs
-from auditd.audit.run import AuditResult, audit_namespace
+from auditd.audit.run import audit_namespace
 from auditd.config import load_rules
 from auditd.daemon import Daemon, DaemonOptions
-from auditd.kernel import LocalKernel, NamespaceKernel
+from auditd.kernel import Attribution, NamespaceKernel
 from auditd.kernel.bpf.exact import BpfAudit, ExactInspector
 from auditd.kernel.bpf.iterators import OBJECT_DIR, Iterators
 from auditd.kernel.bpf.libbpf import Libbpf
 from auditd.kernel.inspect import SocketInspector, read_options
 from auditd.kernel.netns import NamespaceRef
 from auditd.report import to_table
+from auditd.results import AuditResult
+from auditd.session import local_sources
 
 pytestmark = pytest.mark.kernel
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,10 +162,10 @@ def _audit_with(lab: netlab.Lab, iterators: Iterators) -> tuple[Any, dict[Any, A
     bpfzoo.build(ns)
     time.sleep(0.15)  # idle long enough to be flagged
     st = os.stat(ns.path)
-    source = NamespaceKernel(NamespaceRef(st.st_dev, st.st_ino, ns.path, ns.name))
     bpf = BpfAudit(iterators)
-    if bpf.loaded:
-        source.share_bpf(bpf)
+    finder = Attribution(bpf=bpf).finder(ns.name)  # owners from the owner iterator if it loads
+    ref = NamespaceRef(st.st_dev, st.st_ino, ns.path, ns.name)
+    source = NamespaceKernel(ref, owners=finder)
     rules = load_rules_text(RULES)
     report, findings = audit_namespace(
         rules, source, ns.name, inspector=ExactInspector(bpf, SocketInspector())
@@ -212,9 +214,9 @@ def test_bpf_audit_and_its_table(lab: netlab.Lab) -> None:
 
 def test_agent_logs_fallback_once_and_recovery_once(tmp_path: Path) -> None:
     out = io.StringIO()
-    daemon = Daemon(DaemonOptions(None, inspect_sockets=True), lambda: [("host", LocalKernel())],
+    daemon = Daemon(DaemonOptions(None, inspect_sockets=True), local_sources,
                     logs.setup("info", "json", out))  # fmt: skip
-    daemon.iterators = Iterators(directory=str(tmp_path), retry_seconds=0)
+    daemon.session.iterators = Iterators(directory=str(tmp_path), retry_seconds=0)
     for _ in range(3):
         assert daemon.audit_once() is not None
     for name in ("sockets.bpf.o", "owners.bpf.o"):

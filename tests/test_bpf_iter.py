@@ -15,8 +15,8 @@ from auditd.kernel import netns
 from auditd.kernel.bpf.iterators import Iterators
 from auditd.kernel.bpf.records import OwnerTable, SocketTable, iter_sock_records
 from auditd.kernel.inspect import read_options
+from auditd.kernel.owners.scan import find_owners
 from auditd.kernel.procfs import read_sysctls
-from auditd.kernel.procs import find_owners
 from auditd.model import TcpState
 
 pytestmark = pytest.mark.kernel

@@ -17,8 +17,9 @@ from helpers import FakeKernel, make_sock, sysctls
 
 from auditd import __version__, cli
 from auditd.errors import KernelError
-from auditd.kernel import DumpStats, OwnerScan
+from auditd.kernel import Attribution, DumpStats, OwnerScan
 from auditd.model import Sock, TcpState
+from auditd.session import Namespaces, local_sources
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -118,8 +119,8 @@ TUNED = sysctls(tcp_keepalive_time=300, tcp_keepalive_intvl=10, tcp_keepalive_pr
                 tcp_retries2=8)  # no budget findings  # fmt: skip
 
 
-def fake(*socks: Sock) -> cli.Sources:
-    return lambda: [("host", FakeKernel(socks, sysctls=TUNED))]
+def fake(*socks: Sock) -> Namespaces:
+    return lambda _: [("host", FakeKernel(socks, sysctls=TUNED))]
 
 
 class BrokenKernel(FakeKernel):
@@ -156,7 +157,7 @@ def test_audit_default_fail_on_is_critical(good: Path, capsys: pytest.CaptureFix
 
 
 def test_audit_kernel_error_is_exit_3(good: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    broken: cli.Sources = lambda: [("host", BrokenKernel())]  # noqa: E731
+    broken: Namespaces = lambda _: [("host", BrokenKernel())]  # noqa: E731
     assert cli.main(["audit", "--config", str(good)], sources=broken) == 3
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -166,7 +167,7 @@ def test_audit_kernel_error_is_exit_3(good: Path, capsys: pytest.CaptureFixture[
 
 
 def test_explain(good: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    sources: cli.Sources = lambda: [("host", FakeKernel([]))]  # noqa: E731
+    sources: Namespaces = lambda _: [("host", FakeKernel([]))]  # noqa: E731
     assert cli.main(["explain", "--config", str(good)], sources=sources) == 0
     out = capsys.readouterr().out
     assert "= 7875 s" in out and "= 924.6 s" in out
@@ -187,7 +188,7 @@ def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) 
 
 
 def test_local_sources_is_the_host_namespace() -> None:
-    assert [name for name, _ in cli.local_sources()] == ["host"]
+    assert [name for name, _ in local_sources(Attribution())] == ["host"]
 
 
 # --- --max-findings ---------------------------------------------------------------------------
@@ -240,7 +241,7 @@ def test_a_scan_cut_short_says_so_in_the_table_and_on_stderr(
     """Owners missing in silence (issue 11): the footer and a note name the cut."""
     good = tmp_path / "rules.yaml"
     good.write_text("version: 1\n")
-    sources: cli.Sources = lambda: [("host", CutShort([IDLE_PG], sysctls=TUNED))]  # noqa: E731
+    sources: Namespaces = lambda _: [("host", CutShort([IDLE_PG], sysctls=TUNED))]  # noqa: E731
     assert cli.main(["audit", "--config", str(good), "--fail-on", "never"], sources=sources) == 0
     out, err = capsys.readouterr()
     line = (

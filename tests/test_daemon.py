@@ -476,13 +476,13 @@ def test_finding_logged_once_then_on_escalation_then_cleared() -> None:
     import io
     import json as _json
 
-    from auditd.audit.run import AuditResult
     from auditd.daemon import Daemon, DaemonOptions
     from auditd.model import Finding, Severity
+    from auditd.results import AuditResult
 
     stream = io.StringIO()
     log = logs.setup("info", "json", stream)
-    daemon = Daemon(DaemonOptions(None, log_findings_after=0), lambda: [], log)
+    daemon = Daemon(DaemonOptions(None, log_findings_after=0), lambda _: [], log)
 
     def result(*severities: Severity) -> AuditResult:
         found = tuple(
@@ -515,25 +515,28 @@ def test_finding_logged_once_then_on_escalation_then_cleared() -> None:
 
 
 def test_owner_caches_survive_across_cycles() -> None:
-    """Each cycle builds fresh kernel sources; the daemon hands each namespace its cache."""
+    """Each cycle builds fresh kernel sources; the session hands each namespace its cache."""
     import io
 
     from auditd.daemon import Daemon, DaemonOptions
-    from auditd.kernel import LocalKernel
+    from auditd.kernel import Attribution, LocalKernel
 
     names = [["host", "ns1"], ["host"]]
-    daemon = Daemon(
-        DaemonOptions(None),
-        lambda: [(n, LocalKernel()) for n in names[0]],
-        logs.setup("info", "json", io.StringIO()),
-    )
-    first = dict(daemon._sources())
-    second = dict(daemon._sources())
-    assert first["host"].owner_cache is second["host"].owner_cache is not None  # type: ignore[attr-defined]
-    assert first["ns1"].owner_cache is second["ns1"].owner_cache  # type: ignore[attr-defined]
+    built: list[dict[str, LocalKernel]] = []
+
+    def sources(owners: Attribution) -> list[tuple[str, Any]]:
+        built.append({n: LocalKernel(owners=owners.finder(n)) for n in names[0]})
+        return list(built[-1].items())
+
+    daemon = Daemon(DaemonOptions(None), sources, logs.setup("info", "json", io.StringIO()))
+    daemon.audit_once()
+    daemon.audit_once()
+    first, second = built
+    assert first["host"].finder.cache is second["host"].finder.cache is not None
+    assert first["ns1"].finder.cache is second["ns1"].finder.cache
     names[0] = ["host"]
-    daemon._sources()
-    assert set(daemon.owner_caches) == {"host"}  # a namespace gone takes its cache along
+    daemon.audit_once()
+    assert set(daemon.session.owner_caches) == {"host"}  # a namespace gone takes its cache along
 
 
 def test_findings_beyond_the_limit_are_counted_and_not_logged() -> None:
@@ -553,7 +556,7 @@ def test_findings_beyond_the_limit_are_counted_and_not_logged() -> None:
     stream = io.StringIO()
     daemon = Daemon(
         DaemonOptions(None, max_findings=3, log_findings_after=0),
-        lambda: [("host", FakeKernel(socks[0]))],
+        lambda _: [("host", FakeKernel(socks[0]))],
         logs.setup("info", "json", stream),
     )
     critical = 'kind="idle_no_keepalive",netns="host",rule="default",severity="critical"'
@@ -592,9 +595,9 @@ def test_owner_scan_runs_in_a_child_for_the_first_audit(
     import io
 
     from auditd.daemon import Daemon, DaemonOptions
-    from auditd.kernel import LocalKernel
     from auditd.kernel.bpf.iterators import Iterators
-    from auditd.kernel.prescan import FdPrescan
+    from auditd.kernel.owners.prescan import FdPrescan
+    from auditd.session import local_sources
 
     children: list[FdPrescan | None] = []
     start = FdPrescan.start
@@ -618,10 +621,10 @@ def test_owner_scan_runs_in_a_child_for_the_first_audit(
             "    idle_timeout: 2s\n    warn_at: 0.5\n    severity: critical\n"
         )
         with server_end:
-            daemon = Daemon(DaemonOptions(str(rules)), lambda: [("host", LocalKernel())],
+            daemon = Daemon(DaemonOptions(str(rules)), local_sources,
                             logs.setup("info", "json", io.StringIO()))  # fmt: skip
             # Without BPF: with the owner iterator loaded no child is started at all.
-            daemon.iterators = Iterators(directory="/nonexistent")
+            daemon.session.iterators = Iterators(directory="/nonexistent")
             daemon.load_initial_config()
             time.sleep(1.2)  # too slow once the path has been idle warn_at × idle_timeout
             first = daemon.audit_once()

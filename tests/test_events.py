@@ -18,7 +18,6 @@ from prometheus_client.registry import CollectorRegistry
 from auditd.abort_metrics import AbortCollector
 from auditd.abort_records import UNKNOWN, AbortIndex, make_record
 from auditd.aborts import Correlator, KernelAbort, Reason, classify
-from auditd.audit.run import AuditResult
 from auditd.errors import KernelError
 from auditd.events import AbortPipeline, AbortState, AbortWatch, LogFold
 from auditd.kernel.events import Batch, Kind, TraceEvent, probes
@@ -26,6 +25,7 @@ from auditd.kernel.events.decode import Decoder, events, parse_ring
 from auditd.kernel.events.perf import attr_bytes, parse_cpu_list
 from auditd.kernel.events.tracefs import EventFormat, parse_format
 from auditd.model import Finding, Severity, SocketOptions
+from auditd.results import AuditResult
 
 DATA = Path(__file__).parent / "data" / "events"
 

@@ -17,7 +17,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from auditd import __version__
-from auditd.audit.run import AuditResult, NamespaceReport, audit, count_findings
+from auditd.audit.run import audit
 from auditd.audit.tally import IDLE_BUCKETS
 from auditd.config import Match, Rule, RuleSet
 from auditd.exporter import ExporterState, make_registry
@@ -33,6 +33,7 @@ from auditd.model import (
     TcpState,
     TimerKind,
 )
+from auditd.results import AuditResult, NamespaceReport, count_findings
 
 Labels = frozenset[tuple[str, str]]
 

@@ -27,7 +27,8 @@ from helpers import DATA, diag_message, nlmsg, tcp_info
 
 from auditd import cli, logs
 from auditd.daemon import Daemon, DaemonOptions
-from auditd.kernel import LocalKernel, procs, sockdiag
+from auditd.kernel import LocalKernel, sockdiag
+from auditd.kernel.owners import scan as procs
 from auditd.kernel.sockdiag import NLMSG_DONE, NLMSG_ERROR
 
 # --- a scripted kernel -------------------------------------------------------------------------
@@ -116,7 +117,7 @@ class Harness:
         self.stream = io.StringIO()
         self.kernel = LocalKernel(proc_root=str(proc_root), netlink=netlink)
         log = logs.setup("info", "json", self.stream)
-        self.daemon = Daemon(DaemonOptions(config), lambda: [("host", self.kernel)], log)
+        self.daemon = Daemon(DaemonOptions(config), lambda _: [("host", self.kernel)], log)
         self.daemon.load_initial_config()
 
     def audit(self, times: int = 1) -> Any:
@@ -246,7 +247,7 @@ def test_the_cli_notes_what_it_could_not_read(
 ) -> None:
     kernel = LocalKernel(proc_root=str(tmp_path / "no-proc"), netlink=Netlink(GOOD))
     argv = ["audit", "--format", "json", "--fail-on", "never"]
-    assert cli.main(argv, sources=lambda: [("host", kernel)]) == 0
+    assert cli.main(argv, sources=lambda _: [("host", kernel)]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["namespaces"][0]["sockets"]["total"] == 1
     notes = err.splitlines()

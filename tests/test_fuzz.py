@@ -369,7 +369,7 @@ def test_cli_any_argv_gives_an_exit_code(no_daemon: None, argv: list[str]) -> No
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            code = cli.main(argv, sources=lambda: [("host", fake)])
+            code = cli.main(argv, sources=lambda _: [("host", fake)])
         except SystemExit as exc:  # argparse: --help, --version, a usage error
             code = exc.code  # type: ignore[assignment]
     assert code in (0, 1, 2, 3), (argv, code, err.getvalue())

@@ -307,7 +307,7 @@ def test_a_dead_audit_thread_fails_the_health_check(caplog: pytest.LogCaptureFix
 
     options = DaemonOptions(config_path=None, interval=1e300)  # beyond threading.TIMEOUT_MAX
     log = logging.getLogger("test-dead-thread")
-    agent = Daemon(options, lambda: [], log)
+    agent = Daemon(options, lambda _: [], log)
     pings: list[str] = []
     agent.notifier.watchdog = lambda: pings.append("WATCHDOG=1") or True  # type: ignore[method-assign]
     agent._worker = threading.Thread(target=agent._audit_thread, daemon=True)

@@ -13,9 +13,11 @@ from helpers import FakeKernel, make_sock, ruleset, sysctls
 
 from auditd import report
 from auditd.audit import hints
-from auditd.audit.run import AuditResult, audit, audit_namespace
-from auditd.config import SysctlBound, Thresholds
+from auditd.audit.run import audit
+from auditd.config import RuleSet, SysctlBound, Thresholds
 from auditd.model import ProcessInfo, TcpState
+from auditd.results import AuditResult
+from auditd.session import AuditSession
 
 # --- the JSON schema, version 1 ---------------------------------------------------------------
 # As documented in README.md ("JSON output"); test_json_keys_match_the_readme checks the two
@@ -231,9 +233,15 @@ def test_table_without_findings() -> None:
     assert report.to_table(quiet).splitlines()[-1] == "no findings"
 
 
+def explain(rules: RuleSet, kernel: FakeKernel) -> str:
+    """explain as the CLI runs it: from the session's reading of the namespace's sysctls."""
+    (ns,) = AuditSession(lambda _: [("host", kernel)]).namespace_sysctls()
+    assert ns.sysctls is not None
+    return report.explain(rules, ns.netns, ns.inode, ns.sysctls)
+
+
 def test_explain() -> None:
-    ns, _ = audit_namespace(RULES, FakeKernel(SOCKS), "host")
-    text = report.explain(RULES, ns)
+    text = explain(RULES, FakeKernel(SOCKS))
     assert "7875" in text and "924.6" in text
     assert (
         "tcp_keepalive_time 7200 + tcp_keepalive_probes 9 × tcp_keepalive_intvl 75 = 7875 s" in text
@@ -245,19 +253,18 @@ def test_explain() -> None:
 def test_explain_tuned_namespace() -> None:
     s = sysctls(tcp_keepalive_time=300, tcp_keepalive_intvl=10, tcp_keepalive_probes=3,
                 tcp_retries2=8)  # fmt: skip
-    ns, _ = audit_namespace(ruleset(), FakeKernel([], sysctls=s), "host")
-    text = report.explain(ruleset(), ns)
+    text = explain(ruleset(), FakeKernel([], sysctls=s))
     assert "= 330 s" in text and "((2 << 8) - 1) × 0.2 s = 102.2 s" in text
     assert "TOO SLOW" not in text and "OVER BUDGET" not in text
 
 
 def test_explain_local_middleboxes() -> None:
-    plain = report.explain(RULES, audit_namespace(RULES, FakeKernel([]), "host")[0])
+    plain = explain(RULES, FakeKernel([]))
     assert "  conntrack: not loaded\n  IPVS: no TCP virtual service\n" in plain
     s = sysctls(nf_conntrack_tcp_timeout_established=3600)
     s = replace(s, conntrack_entries=12, ipvs_tcp_timeout=900,
                 ipvs_services=frozenset({(bytes(16), 80)}))  # fmt: skip
-    text = report.explain(RULES, audit_namespace(RULES, FakeKernel([], sysctls=s), "host")[0])
+    text = explain(RULES, FakeKernel([], sysctls=s))
     assert (
         "  conntrack (12 flows tracked): established flows idle 3600 s "
         "(net.netfilter.nf_conntrack_tcp_timeout_established); a rule's idle_timeout above it "
@@ -265,7 +272,7 @@ def test_explain_local_middleboxes() -> None:
     ) in text
     assert "  IPVS: TCP timeout 900 s for the 1 virtual services of this namespace" in text
     idle = replace(s, conntrack_entries=0, ipvs_services=frozenset())
-    text = report.explain(RULES, audit_namespace(RULES, FakeKernel([], sysctls=idle), "host")[0])
+    text = explain(RULES, FakeKernel([], sysctls=idle))
     assert "  conntrack: loaded, but tracks no flow in this namespace\n" in text
 
 

@@ -18,7 +18,7 @@ import pytest
 from agent import wait_for
 
 from auditd.kernel import identity
-from auditd.kernel.procs import process_info
+from auditd.kernel.owners.scan import process_info
 from auditd.report import rfc3339
 
 # A name that breaks naive /proc/PID/stat parsing: parentheses and spaces.

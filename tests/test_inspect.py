@@ -19,12 +19,13 @@ import netlab
 import pytest
 from helpers import FakeKernel, make_sock, ruleset
 
+import auditd.session
 from auditd import cli
 from auditd.audit.run import audit_namespace
 from auditd.daemon import Daemon, DaemonOptions
 from auditd.kernel import OwnerScan
 from auditd.kernel.inspect import InspectScan, SocketInspector, Target
-from auditd.kernel.procs import find_owners
+from auditd.kernel.owners.scan import find_owners
 from auditd.model import ProcessInfo, SocketOptions, TcpState, TimerKind
 
 ROOT = os.geteuid() == 0
@@ -386,7 +387,7 @@ class _Refused(SocketInspector):
         super().__init__(pidfd_open=_real_pidfd, getfd=_raise(errno.EPERM))
 
 
-def _two_namespaces() -> list[tuple[str, Any]]:
+def _two_namespaces(_: Any = None) -> list[tuple[str, Any]]:
     socks = [make_sock(inode=3, timer=TimerKind.RETRANSMIT, retrans=1)]
     return [
         ("host", OwnedKernel(socks, {3: (103, 13)})),
@@ -397,7 +398,7 @@ def _two_namespaces() -> list[tuple[str, Any]]:
 def test_cli_notes_once_that_inspection_is_off(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(cli, "SocketInspector", _Refused)
+    monkeypatch.setattr(auditd.session, "SocketInspector", _Refused)
     argv = ["audit", "--config", str(_rules(tmp_path)), "--inspect-sockets", "--format", "json",
             "--fail-on", "never"]  # fmt: skip
     code = cli.main(argv, sources=_two_namespaces)
@@ -417,7 +418,7 @@ def test_agent_logs_once_that_inspection_is_off(
 ) -> None:
     import auditd.daemon
 
-    monkeypatch.setattr(auditd.daemon, "SocketInspector", _Refused)
+    monkeypatch.setattr(auditd.session, "SocketInspector", _Refused)
     log = logging.getLogger("t-inspect")
     daemon = Daemon(DaemonOptions(None, inspect_sockets=True), _two_namespaces, log)
     with caplog.at_level(logging.INFO, logger="t-inspect"):

@@ -15,12 +15,12 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from auditd.abort_metrics import AbortCollector
-from auditd.audit.run import AuditResult, NamespaceReport, count_findings
 from auditd.audit.tally import IDLE_BUCKETS
 from auditd.config import Match, Rule, RuleSet
 from auditd.events import AbortState
 from auditd.exporter import ExporterState, make_registry
 from auditd.model import Counters, Finding, Severity, Sysctls
+from auditd.results import AuditResult, NamespaceReport, count_findings
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 HEADING = "## Metrics"

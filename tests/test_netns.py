@@ -31,12 +31,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from auditd import cli, report
 from auditd.audit.namespace import NOT_INHERITED, budget_findings, sysctl_findings
-from auditd.audit.run import HOST_NETNS, audit
+from auditd.audit.run import audit
 from auditd.config import RuleSet, SysctlBound, Thresholds
 from auditd.daemon import Daemon, DaemonOptions
 from auditd.errors import NamespaceGone
 from auditd.exporter import ExporterState, make_registry
-from auditd.kernel import DumpStats, NamespaceKernel, netns
+from auditd.kernel import Attribution, DumpStats, NamespaceKernel, netns
 from auditd.kernel.netns import (
     HOST,
     call_in_netns,
@@ -46,6 +46,8 @@ from auditd.kernel.netns import (
     unique_names,
 )
 from auditd.model import Sock, Sysctls
+from auditd.results import HOST_NETNS
+from auditd.session import all_sources
 
 ID = "3f4a0c9b2d1e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a"
 ID2 = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90"
@@ -229,7 +231,7 @@ def test_daemon_counts_each_skipped_namespace_and_logs_it_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     sources = [("host", FakeKernel([])), ("pod:a", GoneKernel([])), ("pod:b", GoneKernel([]))]
-    daemon = Daemon(DaemonOptions(None), lambda: list(sources), logging.getLogger("t-netns"))
+    daemon = Daemon(DaemonOptions(None), lambda _: list(sources), logging.getLogger("t-netns"))
     with caplog.at_level(logging.INFO, logger="t-netns"):
         for _ in range(2):
             assert daemon.audit_once() is not None
@@ -246,7 +248,7 @@ class RefusedKernel(FakeKernel):
 
 def test_daemon_says_what_a_refused_namespace_needs(caplog: pytest.LogCaptureFixture) -> None:
     sources = [("host", FakeKernel([])), ("pod:a", RefusedKernel([])), ("pod:b", GoneKernel([]))]
-    daemon = Daemon(DaemonOptions(None), lambda: list(sources), logging.getLogger("t-netns2"))
+    daemon = Daemon(DaemonOptions(None), lambda _: list(sources), logging.getLogger("t-netns2"))
     with caplog.at_level(logging.INFO, logger="t-netns2"):
         assert daemon.audit_once() is not None
     skipped = {r.netns: r for r in caplog.records if r.getMessage() == "namespace skipped"}  # type: ignore[attr-defined]
@@ -488,8 +490,9 @@ def test_a_namespace_that_vanishes_during_the_audit_is_skipped(
     alone_ino = os.stat(f"/proc/{unshared.pid}/ns/net").st_ino
     names: dict[int, str] = {}
 
-    def sources() -> list[tuple[str, Any]]:
-        found = cli.all_sources()  # enumerated: then both namespaces go before they are read
+    def sources(_: Any) -> list[tuple[str, Any]]:
+        # enumerated: then both namespaces go before they are read
+        found = all_sources(Attribution())
         names.update({s.ref.ino: n for n, s in found if isinstance(s, NamespaceKernel)})
         assert netlab.destroy_netns(gone.name) == []
         unshared.kill()

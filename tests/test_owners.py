@@ -18,7 +18,7 @@ from auditd import report
 from auditd.audit import hints
 from auditd.audit.run import audit
 from auditd.config import Thresholds
-from auditd.kernel.procs import CMDLINE_MAX, OwnerCache, find_owners, unit_and_container
+from auditd.kernel.owners.scan import CMDLINE_MAX, OwnerCache, find_owners, unit_and_container
 from auditd.model import ProcessInfo
 
 DOCKER_ID = "3f2a" + "0" * 56 + "beef"

@@ -28,9 +28,9 @@ import pytest
 from agent import Agent, Agents, basic_auth, wait_for
 
 from auditd import page
-from auditd.audit.run import AuditResult, NamespaceReport
 from auditd.exporter import ExporterState
 from auditd.model import Counters, Finding, Severity, Sysctls
+from auditd.results import AuditResult, NamespaceReport
 
 EVIL = "<script>document.title='pwned'</script>"
 PASSWORD = "page test password"

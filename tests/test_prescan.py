@@ -21,10 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from auditd.kernel import LocalKernel, _fdscan_child, procs
-from auditd.kernel.prescan import FdPrescan, PrescanAnswer
-from auditd.kernel.procs import OwnerCache, find_owners
-from auditd.launch import CHILD
+from auditd.kernel import LocalKernel, OwnerFinder
+from auditd.kernel.owners import _fdscan_child
+from auditd.kernel.owners import scan as procs
+from auditd.kernel.owners.prescan import FdPrescan, PrescanAnswer
+from auditd.kernel.owners.scan import OwnerCache, find_owners
+from auditd.kernel.owners.spawn import CHILD
 
 NOBODY = 2**40 + 7  # socket inodes are 32-bit: nobody holds this one
 
@@ -222,7 +224,7 @@ def test_find_owners_through_the_prescan(
     assert scan.found[next(iter(own))].cmdline == find_owners(own).found[next(iter(own))].cmdline
     assert set(cache.entries) == {*own, *held}
     # Cached owners are re-checked here; the rest is asked of the child again.
-    again = LocalKernel(owner_cache=cache, prescan=prescan).owners([*own, NOBODY])
+    again = LocalKernel(owners=OwnerFinder(cache=cache, prescan=prescan)).owners([*own, NOBODY])
     assert again.complete and again.fds == own
 
 
@@ -502,8 +504,8 @@ def test_look_down_reads_from_the_top_to_where_the_child_is(
     pid, held = big
     wanted = {f"socket:[{inode}]": inode for inode in held}
     session = ChildAt(pid, child_fd)
-    access = procs._Access()
-    hits = procs._look_down(pid, "/proc", wanted, {}, access, session)  # type: ignore[arg-type]
+    search = procs._Search(wanted, {}, {}, "/proc", None, time.monotonic, None)
+    hits = procs._look_down(pid, search, session)  # type: ignore[arg-type]
     top = max(held.values())  # fds 0..top: stdio, then the sockets
     lows, high = [], top  # the chunks read: 1024 fds each from the top, while the child is below
     while high >= 0 and child_fd <= high:

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from helpers import DATA, fd_inode
 
-from auditd.kernel import LocalKernel, procfs, procs
+from auditd.kernel import LocalKernel, procfs
+from auditd.kernel.owners import scan as procs
 from auditd.model import Counters, ProcessInfo
 
 # --- sysctls ----------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from auditd.audit.run import (
     ATTRIBUTION_MIN_SECONDS,
     ONE_SHOT_ATTRIBUTION_CAP_SECONDS,
     _Judged,
-    attribution_note,
     audit,
     audit_namespace,
 )
@@ -34,6 +33,7 @@ from auditd.model import (
     make_sock,
     state_label,
 )
+from auditd.results import attribution_note
 
 IDLE = make_sock(sport=40000, dport=5432, inode=11, last_data_recv_ms=400_000,
                  last_ack_recv_ms=400_000, last_data_sent_ms=400_000)  # fmt: skip

@@ -19,9 +19,9 @@ import os
 import threading
 from collections.abc import Collection, Iterator, Sequence
 
-from auditd.kernel import KernelSource
-from auditd.kernel.procs import OwnerScan
+from auditd.kernel.owners.scan import OwnerScan
 from auditd.kernel.sockdiag import DumpStats
+from auditd.kernel.sources import KernelSource
 from auditd.model import Counters, Sock, Sysctls
 
 # Bit numbers from include/uapi/linux/capability.h.

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from auditd.errors import KernelError
-from auditd.model import Sock, TcpState
+from auditd.model import AUDITED_STATES, Sock
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -34,20 +34,7 @@ NLM_F_DUMP_INTR = 0x10
 NLM_F_DUMP = 0x300
 INET_DIAG_INFO = 2  # enum in inet_diag.h; the bit we ask for is 1 << (INET_DIAG_INFO - 1)
 
-# Every state but LISTEN (not a connection) and TIME_WAIT/CLOSE: a busy host has many
-# TIME_WAIT minisockets, which carry no tcp_info and cannot go half-open.
-DEFAULT_STATES = frozenset(
-    {
-        TcpState.ESTABLISHED,
-        TcpState.SYN_SENT,
-        TcpState.SYN_RECV,
-        TcpState.FIN_WAIT1,
-        TcpState.FIN_WAIT2,
-        TcpState.CLOSE_WAIT,
-        TcpState.LAST_ACK,
-        TcpState.CLOSING,
-    }
-)
+DEFAULT_STATES = AUDITED_STATES  # the states dumped unless told otherwise
 
 NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 NLMSGERR = struct.Struct("=i")

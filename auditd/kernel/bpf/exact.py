@@ -11,18 +11,17 @@ on threads of their own (``Pass``), started before the dump they overlap.
 
 from __future__ import annotations
 
-import functools
 import threading
 from collections.abc import Callable, Collection, Sequence
 from typing import Generic, TypeVar
 
 from auditd.errors import AuditdError, BpfUnavailable
-from auditd.kernel import KernelSource, LocalKernel
 from auditd.kernel.bpf.iterators import Iterators
 from auditd.kernel.bpf.records import OwnerTable, RecordError, SocketTable
 from auditd.kernel.inspect import Inspector, InspectScan, SocketInspector, Target
 from auditd.kernel.limits import ObservedSource
-from auditd.kernel.procs import OwnerScan, process_info
+from auditd.kernel.owners.scan import OwnerScan, process_info
+from auditd.kernel.sources import KernelSource, LocalKernel
 from auditd.model import ProcessInfo, Sysctls
 
 BPF, PIDFD = "bpf", "pidfd"
@@ -192,9 +191,3 @@ class ExactInspector:
 
     def inspect(self, targets: Sequence[Target]) -> InspectScan:
         return self.fallback.inspect(targets)
-
-
-@functools.cache
-def process_iterators() -> Iterators:
-    """The iterators of this process, loaded at most once (on first use) and kept."""
-    return Iterators()

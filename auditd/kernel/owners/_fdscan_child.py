@@ -1,4 +1,4 @@
-"""The ``/proc/*/fd`` scan of ``auditd.kernel.prescan``, run as a child process.
+"""The ``/proc/*/fd`` scan of ``auditd.kernel.owners.prescan``, run as a child process.
 
 Run as ``python -I -S _fdscan_child.py PROC_ROOT``: standard library only, nothing from
 ``auditd``, so it starts in milliseconds. It records every socket fd of the host at once
@@ -51,7 +51,7 @@ def links(dir_fd: int) -> Iterator[tuple[str, str]]:
     (``st_size`` of the directory, Linux 6.2+): a third cheaper than listing the table first,
     which makes the kernel walk it and build an entry per fd. A sparse table (or an older
     kernel, where the size is 0) gets the rest from a listing. Also used by the agent's own
-    scan (``auditd.kernel.procs``)."""
+    scan (``auditd.kernel.owners.scan``)."""
     readlink, names = os.readlink, NAMES
     count = os.fstat(dir_fd).st_size
     seen = gap = fd = 0

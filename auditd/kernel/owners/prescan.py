@@ -2,7 +2,7 @@
 
 Finding owners costs one ``readlink`` per open fd on the host, about 4 µs of kernel time each:
 close to a second with 200k sockets, more than an audit can spend, so an in-process scan
-(``auditd.kernel.procs``) only finds part of them. Started when the audit starts, the child
+(``auditd.kernel.owners.scan``) only finds part of them. Started when the audit starts, the child
 (``_fdscan_child.py``, run with ``python -I -S``: no site-packages, no ``auditd``) does that
 work on another core while this process dumps and decodes sock_diag, and has recorded nearly
 every socket fd by the time the flagged inodes are known; asking it then costs a round trip.
@@ -23,7 +23,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
-from auditd.launch import child_command, spawn_scan
+from auditd.kernel.owners.spawn import child_command, spawn_scan
 
 GRACE = 0.2  # seconds past the deadline for the reply to come through
 NO_DEADLINE_BUDGET = 3600.0

@@ -9,7 +9,7 @@ the caller can say why an owner is missing.
 Cost is one ``readlink`` per open fd on the host, so the scan only runs for the sockets the
 audit flags (or, with socket inspection, the ones whose options it reads), and stops as soon as
 every wanted inode is found. On a big host the scan can instead run ahead, in a child process
-started with the audit (``auditd.kernel.prescan``): then this only asks it. The fd number of
+started with the audit (``auditd.kernel.owners.prescan``): then this only asks it. The fd number of
 each socket found comes along: socket inspection duplicates it (``auditd.kernel.inspect``).
 
 The systemd unit and the container of an owner come from ``/proc/PID/cgroup``, read with the
@@ -24,9 +24,9 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from auditd.kernel import identity
-from auditd.kernel._fdscan_child import links
 from auditd.kernel.netns import cgroup_paths, name_from_cgroup
-from auditd.kernel.prescan import FdPrescan, Session
+from auditd.kernel.owners._fdscan_child import links
+from auditd.kernel.owners.prescan import FdPrescan, Session
 from auditd.model import ProcessInfo
 
 CMDLINE_MAX = 200
@@ -169,22 +169,19 @@ def find_owners(
     open fds, a full scan would cost more than the audit it serves. With a ``cache``, known
     owners are re-checked first and the scan resumes after the pid where the last one stopped.
     With a ``prescan``, the owners not in the cache come from the child that has been scanning
-    since the audit started (``auditd.kernel.prescan``); if it failed, from the scan here.
+    since the audit started (``auditd.kernel.owners.prescan``); if it failed, from the scan here.
     """
     wanted = {f"socket:[{inode}]": inode for inode in inodes if inode}
     hits_by_inode = _recheck(wanted, cache, proc_root) if cache is not None else {}
     found: dict[int, ProcessInfo] = {inode: e[2] for inode, e in hits_by_inode.items()}
-    access = _Access()
-    complete = None
-    if prescan is not None:
-        complete = _ask(
-            prescan, wanted, found, hits_by_inode, proc_root, deadline, clock, access, cache
-        )
+    search = _Search(wanted, found, hits_by_inode, proc_root, deadline, clock, cache)
+    complete = _ask(prescan, search) if prescan is not None else None
     if complete is None:
-        complete = _scan(wanted, found, hits_by_inode, proc_root, deadline, clock, cache, access)
+        complete = _scan(search)
     if cache is not None:
         cache.entries = hits_by_inode
     fds = {inode: int(entry[1]) for inode, entry in hits_by_inode.items()}
+    access = search.access
     return OwnerScan(found, complete, access.denied, access.error, fds)
 
 
@@ -196,25 +193,37 @@ class _Access:
     error: str | None = None
 
 
-def _ask(
-    prescan: FdPrescan,
-    wanted: dict[str, int],
-    found: dict[int, ProcessInfo],
-    entries: dict[int, tuple[int, str, ProcessInfo]],
-    proc_root: str,
-    deadline: float | None,
-    clock: Callable[[], float],
-    access: _Access,
-    cache: OwnerCache | None = None,
-) -> bool | None:
+@dataclass(slots=True)
+class _Search:
+    """One lookup of owners: what is wanted, what was found, and the scan's bounds."""
+
+    wanted: dict[str, int]  # "socket:[inode]" -> inode
+    found: dict[int, ProcessInfo]
+    entries: dict[int, tuple[int, str, ProcessInfo]]  # inode -> (pid, fd, owner), for the cache
+    proc_root: str
+    deadline: float | None
+    clock: Callable[[], float]
+    cache: OwnerCache | None
+    access: _Access = field(default_factory=_Access)
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and self.clock() > self.deadline
+
+    def record(self, inode: int, pid: int, fd: str, info: ProcessInfo) -> None:
+        self.found[inode] = info
+        self.entries[inode] = (pid, fd, info)
+
+
+def _ask(prescan: FdPrescan, search: _Search) -> bool | None:
     """The owners not found yet, from the child scan, with this process scanning from the
     highest pid down until it meets the child's lap; None if the child failed (the owners
     found here are kept, for the in-process scan to go on with the rest). Out of time, the
     ``cache`` is told to resume where the child's lap was: the part neither scan read."""
+    wanted, found, proc_root, access = search.wanted, search.found, search.proc_root, search.access
     missing = {inode for inode in wanted.values() if inode not in found}
     if not missing:
         return True
-    session = prescan.begin(missing, deadline, clock)
+    session = prescan.begin(missing, search.deadline, search.clock)
     if session is None:
         return None
     hits: list[tuple[int, int, str]] = []  # (inode, pid, fd) read here
@@ -228,13 +237,13 @@ def _ask(
             if not left:  # the two scans found everything between them
                 session.stop()
                 break
-            if deadline is not None and clock() > deadline:
+            if search.out_of_time():
                 break  # the child stops at the same time
             if pid == session.position:  # the child is in it: read it from the top down
-                for inode, fd in _look_down(pid, proc_root, wanted, found, access, session):
+                for inode, fd in _look_down(pid, search, session):
                     hits.append((inode, pid, fd))
                 break
-            own, whole = _look(pid, proc_root, wanted, found, access, deadline, clock)
+            own, whole = _look(pid, search)
             for inode, fd in own:
                 hits.append((inode, pid, fd))
                 left.discard(inode)
@@ -247,6 +256,7 @@ def _ask(
         answer = session.finish()
     finally:
         session.fail()  # no-op once the reply is complete
+    cache = search.cache
     if cache is not None and (answer is None or not answer.complete) and session.position > 0:
         cache.resume_after = session.position - 1
     infos: dict[int, ProcessInfo | None] = {}
@@ -258,8 +268,7 @@ def _ask(
             infos[pid] = process_info(pid, proc_root)
         info = infos[pid]
         if info is not None:
-            found[inode] = info
-            entries[inode] = (pid, fd, info)
+            search.record(inode, pid, fd, info)
     if answer is None:
         return None
     access.denied += answer.denied
@@ -281,17 +290,11 @@ def _pids(proc_root: str, resume_after: int, access: _Access) -> list[int] | Non
 LOOK_CHUNK = 1024  # fds read between two looks at the clock
 
 
-def _look(
-    pid: int,
-    proc_root: str,
-    wanted: dict[str, int],
-    found: dict[int, ProcessInfo],
-    access: _Access,
-    deadline: float | None = None,
-    clock: Callable[[], float] = time.monotonic,
-) -> tuple[list[tuple[int, str]], bool]:
+def _look(pid: int, search: _Search) -> tuple[list[tuple[int, str]], bool]:
     """(inode, fd) of the wanted sockets not found yet that ``pid`` holds, and False if the
     ``deadline`` came before the end of its fd table (20k sockets take 0.1 s to read)."""
+    wanted, found, access = search.wanted, search.found, search.access
+    proc_root, deadline, clock = search.proc_root, search.deadline, search.clock
     try:  # readlink relative to the open fd directory: no path building, no path walk
         dir_fd = os.open(os.path.join(proc_root, str(pid), "fd"), os.O_RDONLY | os.O_DIRECTORY)
     except PermissionError:  # another user's, without CAP_DAC_READ_SEARCH
@@ -319,16 +322,10 @@ def _look(
 DOWN_CHUNK = 1024  # fds read from the top between two looks at where the child is
 
 
-def _look_down(
-    pid: int,
-    proc_root: str,
-    wanted: dict[str, int],
-    found: dict[int, ProcessInfo],
-    access: _Access,
-    session: Session,
-) -> list[tuple[int, str]]:
+def _look_down(pid: int, search: _Search, session: Session) -> list[tuple[int, str]]:
     """``_look`` from the highest fd down, in the process the child's lap is reading, until
     the two meet: a process holding 20k sockets would otherwise be the child's alone."""
+    wanted, found, access, proc_root = search.wanted, search.found, search.access, search.proc_root
     try:
         dir_fd = os.open(os.path.join(proc_root, str(pid), "fd"), os.O_RDONLY | os.O_DIRECTORY)
     except OSError:  # gone, or refused: the child's answer says so
@@ -360,34 +357,25 @@ def _look_down(
     return hits
 
 
-def _scan(
-    wanted: dict[str, int],
-    found: dict[int, ProcessInfo],
-    entries: dict[int, tuple[int, str, ProcessInfo]],
-    proc_root: str,
-    deadline: float | None,
-    clock: Callable[[], float],
-    cache: OwnerCache | None,
-    access: _Access,
-) -> bool:
+def _scan(search: _Search) -> bool:
     """Look through /proc/*/fd for the owners not found yet; True if it saw every process."""
+    wanted, found, cache, proc_root = search.wanted, search.found, search.cache, search.proc_root
     if len(found) >= len(wanted):
         return True
-    pids = _pids(proc_root, cache.resume_after if cache is not None else 0, access)
+    pids = _pids(proc_root, cache.resume_after if cache is not None else 0, search.access)
     if pids is None:
         return False
     for pid in pids:
-        if deadline is not None and clock() > deadline:
+        if search.out_of_time():
             return False
         if cache is not None:
             cache.resume_after = pid
-        hits, whole = _look(pid, proc_root, wanted, found, access, deadline, clock)
+        hits, whole = _look(pid, search)
         if hits:
             info = process_info(pid, proc_root)
             if info is not None:
                 for inode, fd in hits:
-                    found[inode] = info
-                    entries[inode] = (pid, fd, info)
+                    search.record(inode, pid, fd, info)
             if len(found) >= len(wanted):
                 return True
         if not whole:  # out of time inside it: next time, this process again
