@@ -241,9 +241,9 @@ def test_a_socket_flagged_by_its_exact_options_only_is_attributed(lab: netlab.La
     client.connect(listener.getsockname())
     ns.adopt(listener.accept()[0])
     st = os.stat(ns.path)
-    source = NamespaceKernel(NamespaceRef(st.st_dev, st.st_ino, ns.path, ns.name))
     bpf = BpfAudit(Iterators())
-    source.share_bpf(bpf)
+    finder = Attribution(bpf=bpf).finder(ns.name)
+    source = NamespaceKernel(NamespaceRef(st.st_dev, st.st_ino, ns.path, ns.name), owners=finder)
     report, findings = audit_namespace(
         load_rules_text("version: 1\n"), source, ns.name,
         inspector=ExactInspector(bpf, SocketInspector()),
