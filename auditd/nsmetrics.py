@@ -1,11 +1,14 @@
 """The per-namespace metric families, bounded: only what is wrong or different costs series.
 
 The host namespace gets every series, zeros included (the STYLE habit: known label values
-present as 0). Another namespace gets only the series that say something the host's do not:
-a nonzero count, a sysctl or detection time that differs from the host's, a part it could
-not read. So 100 empty namespaces cost nothing beyond the host's fixed set, and an absent
-series of another namespace reads as "0" (counts) or "as on the host" (sysctls, detection
-times); ``keepalive_namespace_read_incomplete`` tells "as on the host" from "not read".
+present as 0). Another namespace gets only the series that say something is wrong or
+different there: an abort on timeout, a sysctl or detection time that differs from the
+host's, a part it could not read (and its findings: auditd.exporter). Socket counts,
+keepalive probes sent and the idle histogram are the host's only: healthy connections are not
+news. So 100 empty or healthy namespaces cost nothing beyond the host's fixed set, and an
+absent series of another namespace reads as "0" (counts) or "as on the host" (sysctls,
+detection times); ``keepalive_namespace_read_incomplete`` tells "as on the host" from "not
+read".
 """
 
 from __future__ import annotations
@@ -70,8 +73,8 @@ def namespace_families(result: AuditResult) -> Iterator[Metric]:
     host = host_of(result)
     yield from _sysctls(result, host)
     yield from _detection(result, host)
-    yield from _connections(result)
-    yield from _counters(result)
+    yield from _connections(host)
+    yield from _counters(result, host)
     yield from _idle_histogram(host)
     yield from _namespace_set(result)
 
@@ -112,31 +115,33 @@ def _detection_of(ns: NamespaceReport, case: str) -> float:
     return ns.detection_idle_seconds if case == "idle" else ns.detection_in_flight_seconds
 
 
-def _connections(result: AuditResult) -> Iterator[Metric]:
+def _connections(host: NamespaceReport | None) -> Iterator[Metric]:
+    """The host only: sockets are not something wrong, and a pod with healthy connections
+    must cost nothing (the JSON and the findings page count every namespace's)."""
     family = GaugeMetricFamily(
         "keepalive_tcp_connections",
-        f"TCP sockets by state and inferred keepalive status (on, off, unknown). {OTHERS} "
-        f"nonzero counts. {AS_OF}",
+        "TCP sockets of the host namespace by state and inferred keepalive status (on, off, "
+        f"unknown). {AS_OF}",
         labels=["netns", "state", "keepalive"],
     )
-    for ns in result.namespaces:
-        full = ns.netns == HOST_NETNS
-        seen = {state for state, _ in ns.connections}
-        for state in sorted(set(PRESET_STATES if full else ()) | seen):
+    if host is not None:
+        seen = {state for state, _ in host.connections}
+        for state in sorted(set(PRESET_STATES) | seen):
             for ka in Keepalive.ALL:
-                n = ns.connections.get((state, ka), 0)
-                if n or full:
-                    family.add_metric([ns.netns, state, ka], n)
+                family.add_metric([host.netns, state, ka], host.connections.get((state, ka), 0))
     yield family
 
 
-def _counters(result: AuditResult) -> Iterator[Metric]:
+def _counters(result: AuditResult, host: NamespaceReport | None) -> Iterator[Metric]:
     probes = CounterMetricFamily(
         "keepalive_kernel_keepalive_probes",
-        f"Keepalive probes sent by the kernel (TcpExt TCPKeepAlive). {OTHERS} nonzero "
-        f"counters. {AS_OF}",
+        f"Keepalive probes sent by the kernel in the host namespace (TcpExt TCPKeepAlive). {AS_OF}",
         labels=["netns"],
     )
+    if host is not None and host.counters.keepalive_probes is not None:
+        probes.add_metric([host.netns], host.counters.keepalive_probes)
+    yield probes
+    # An abort on timeout is something wrong: other namespaces have the counter once nonzero.
     aborts = CounterMetricFamily(
         "keepalive_kernel_abort_on_timeout",
         "Connections the kernel aborted on timeout (TcpExt TCPAbortOnTimeout). "
@@ -144,14 +149,9 @@ def _counters(result: AuditResult) -> Iterator[Metric]:
         labels=["netns"],
     )
     for ns in result.namespaces:
-        full = ns.netns == HOST_NETNS
-        for family, value in (
-            (probes, ns.counters.keepalive_probes),
-            (aborts, ns.counters.abort_on_timeout),
-        ):
-            if value is not None and (value or full):
-                family.add_metric([ns.netns], value)
-    yield probes
+        value = ns.counters.abort_on_timeout
+        if value is not None and (value or ns is host):
+            aborts.add_metric([ns.netns], value)
     yield aborts
 
 

@@ -276,19 +276,20 @@ def test_a_namespace_with_nothing_wrong_or_different_costs_no_series() -> None:
 
 
 def test_a_namespace_costs_series_for_what_differs_from_the_host() -> None:
+    # Its sockets and keepalive probes are not news (the host's only); its sysctl and an
+    # abort on timeout are.
     tuned = Sysctls({**SYSCTLS.values, "net.ipv4.tcp_keepalive_time": 300})
     ns = quiet(
         "pod:a", sysctls=tuned, detection_idle_seconds=975.0,
         differs_from_host=("net.ipv4.tcp_keepalive_time",),
         connections={("established", "off"): 2, ("established", "on"): 0},
-        counters=Counters(keepalive_probes=0, abort_on_timeout=4),
+        counters=Counters(keepalive_probes=12, abort_on_timeout=4),
     )  # fmt: skip
     state = ExporterState(result=AuditResult(0.0, 0.1, (namespace(), ns), ()))
     pod = key(netns="pod:a")
     assert samples_of(state, "pod:a") == {
         "keepalive_sysctl_tcp_keepalive_time_seconds": {pod: 300},
         "keepalive_dead_peer_detection_seconds": {key(netns="pod:a", case="idle"): 975.0},
-        "keepalive_tcp_connections": {key(netns="pod:a", state="established", keepalive="off"): 2},
         "keepalive_kernel_abort_on_timeout_total": {pod: 4},
         "keepalive_sysctl_differs_from_host": {
             key(netns="pod:a", sysctl="net.ipv4.tcp_keepalive_time"): 1
