@@ -251,3 +251,45 @@ def test_a_socket_flagged_by_its_exact_options_only_is_attributed(lab: netlab.La
     [f] = [f for f in findings if f.local == _endpoint(client.getsockname())]
     assert (f.kind, f.options_source, f.pid) == ("user_timeout_too_short", "bpf", os.getpid())
     assert report.attribution_wanted == report.attribution_found == 1
+
+
+class _CountingIterators(Iterators):
+    owner_passes = 0
+
+    def owners(self) -> bytes:
+        self.owner_passes += 1
+        return super().owners()
+
+
+def test_an_agent_with_warm_owners_runs_no_owner_pass(lab: netlab.Lab) -> None:
+    """The agent's later audits re-check remembered owners with a readlink each; the owner
+    pass runs only when a flagged socket's owner is not remembered."""
+    ns = lab.netns()
+    zoo = bpfzoo.build(ns)
+    time.sleep(0.15)
+    rules = load_rules_text(RULES)
+    iterators = _CountingIterators()
+    st = os.stat(ns.path)
+    ref = NamespaceRef(st.st_dev, st.st_ino, ns.path, ns.name)
+    caches: dict[str, Any] = {}
+
+    def one_audit() -> list[Any]:
+        nonlocal caches
+        attribution = Attribution(caches, bpf=BpfAudit(iterators))
+        source = NamespaceKernel(ref, owners=attribution.finder(ns.name))
+        _, findings = audit_namespace(rules, source, ns.name)
+        caches = attribution.caches
+        assert {f.pid for f in findings if f.local} == {os.getpid()}
+        return findings
+
+    passes = []
+    for _ in range(3):
+        one_audit()
+        passes.append(iterators.owner_passes)
+    assert passes == [1, 1, 1]  # the first audit's pass only
+    extra = ns.make_socket()
+    extra.connect(zoo["listener"].getsockname())
+    ns.adopt(zoo["listener"].accept()[0])
+    time.sleep(0.15)
+    one_audit()
+    assert iterators.owner_passes == 2  # two new flagged sockets: one more pass

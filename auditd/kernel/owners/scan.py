@@ -155,6 +155,26 @@ def _recheck(
     return kept
 
 
+def recheck_owners(
+    inodes: Collection[int], cache: OwnerCache, proc_root: str = "/proc"
+) -> OwnerScan:
+    """The remembered owners of ``inodes`` that still hold them (one readlink each)."""
+    hits = _recheck({f"socket:[{inode}]": inode for inode in inodes if inode}, cache, proc_root)
+    return OwnerScan(
+        {inode: e[2] for inode, e in hits.items()},
+        fds={inode: int(e[1]) for inode, e in hits.items()},
+    )
+
+
+def remember(cache: OwnerCache, scan: OwnerScan) -> None:
+    """Keeps the owners of ``scan`` (the sockets asked for this time) for the next audit."""
+    cache.entries = {
+        inode: (info.pid, str(scan.fds[inode]), info)
+        for inode, info in scan.found.items()
+        if inode in scan.fds
+    }
+
+
 def find_owners(
     inodes: Collection[int],
     proc_root: str = "/proc",
