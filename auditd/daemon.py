@@ -34,14 +34,11 @@ from auditd.findlog import FindingLog
 from auditd.http import MetricsServer
 from auditd.httpserver import MAX_CONNECTIONS
 from auditd.kernel.limits import netns_note
-from auditd.model import Severity
+from auditd.model import AUDIT_STAGES, Severity, Stage
 from auditd.notify import Notifier, watchdog_interval
 from auditd.results import DEFAULT_MAX_FINDINGS, AuditResult, inspection_error
 from auditd.session import AuditOptions, AuditSession, Namespaces
 from auditd.signals import Signals
-
-# Error stages of an audit, cleared ("audit recovered") by the first audit without them.
-AUDIT_STAGES = ("dump", "netns", "internal", "sysctls", "counters", "attribution")
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +144,9 @@ class Daemon:
                 web = load_web_config(self.options.web_config_path)
         except ConfigError as exc:
             # Every SIGHUP gets its answer in the log, even the same error twice in a row.
-            self._fail("config", str(exc), "reload failed, keeping the previous rules", once=False)
+            self._fail(
+                Stage.CONFIG, str(exc), "reload failed, keeping the previous rules", once=False
+            )
             self._update(reload_ok=False)
             self.notifier.ready(f"reload failed: {exc}")
             return False
@@ -168,13 +167,13 @@ class Daemon:
         try:
             run = self.session.audit(rules)
         except KernelError as exc:
-            self._fail("dump", str(exc))
+            self._fail(Stage.DUMP, str(exc))
             return None
         except AuditdError as exc:
-            self._fail("netns", str(exc))
+            self._fail(Stage.NETNS, str(exc))
             return None
         except Exception as exc:  # a bug must not kill the agent; count it and go on
-            self._fail("internal", f"{type(exc).__name__}: {exc}")
+            self._fail(Stage.INTERNAL, f"{type(exc).__name__}: {exc}")
             return None
         result = run.result
         self._note_bpf(run.bpf)
@@ -188,7 +187,7 @@ class Daemon:
             self._log_changes(result)
             self.notifier.status(summary(result))
         except Exception as exc:  # reporting must not stop the audits either
-            self._fail("internal", f"{type(exc).__name__}: {exc}")
+            self._fail(Stage.INTERNAL, f"{type(exc).__name__}: {exc}")
         return result
 
     def _note_bpf(self, note: str | None) -> None:
@@ -216,7 +215,7 @@ class Daemon:
         it starts being skipped, not every cycle (containers come and go all day)."""
         skipped = dict(result.skipped_namespaces)
         for name, reason in skipped.items():
-            self._count_error("netns")
+            self._count_error(Stage.NETNS)
             if name not in self._skipped:
                 fields = {"netns": name, "reason": reason}
                 hint = netns_note([(name, reason)])  # refused: what entering it needs
@@ -287,7 +286,7 @@ class Daemon:
             try:
                 self.audit_once()
             except Exception as exc:  # last line of defence: the loop itself must survive
-                self._fail("internal", f"{type(exc).__name__}: {exc}")
+                self._fail(Stage.INTERNAL, f"{type(exc).__name__}: {exc}")
             self.last_cycle = time.monotonic()
             result = self.state.result
             if not self._ready_sent and result is not None:
@@ -337,7 +336,7 @@ class Daemon:
         try:
             self.reload()
         except Exception as exc:  # a bug in a reload must not end the reloads
-            self._fail("internal", f"{type(exc).__name__}: {exc}", "reload failed", once=False)
+            self._fail(Stage.INTERNAL, f"{type(exc).__name__}: {exc}", "reload failed", once=False)
 
     @property
     def _retry(self) -> float:
@@ -349,9 +348,11 @@ class Daemon:
         try:
             self.server.start()
         except AuditdError as exc:
-            self._fail("http", f"{exc}; retrying every {self._retry:g}s", "cannot serve metrics")
+            self._fail(
+                Stage.HTTP, f"{exc}; retrying every {self._retry:g}s", "cannot serve metrics"
+            )
             return False
-        self._failing.pop("http", None)
+        self._failing.pop(Stage.HTTP, None)
         self.log.info(
             "listening",
             extra={"address": self.server.address_text, "path": self.options.telemetry_path,

@@ -19,13 +19,11 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from auditd import __version__
 from auditd.audit.matching import DEFAULT_RULE
 from auditd.config import RuleSet
-from auditd.model import FindingKind, Severity
+from auditd.model import FindingKind, Severity, Stage
 from auditd.nsmetrics import AS_OF, namespace_families
 from auditd.results import HOST_NETNS, AuditResult
 
-ERROR_STAGES = (
-    "dump", "sysctls", "counters", "attribution", "netns", "config", "http", "log", "internal",
-)  # fmt: skip
+ERROR_STAGES = Stage.ALL  # each exported, 0 until it happens
 
 
 @dataclass(frozen=True, slots=True)

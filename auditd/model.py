@@ -10,8 +10,8 @@ import ipaddress
 import socket
 import sys
 from dataclasses import dataclass, field
-from enum import IntEnum
-from typing import NamedTuple
+from enum import Enum, IntEnum
+from typing import ClassVar, NamedTuple
 
 # The sysctls read in every namespace, dotted (a path below /proc/sys). Optional ones are
 # absent on some kernels or until a module loads (tcp_rto_max_ms: Linux 6.15+; conntrack:
@@ -103,13 +103,27 @@ class TimerKind(IntEnum):
             return cls.UNKNOWN
 
 
-class Keepalive:
+class Label(str, Enum):
+    """A closed set of strings of the domain: each member is its own value, so it compares,
+    hashes, formats and serialises (JSON, metric labels) as that string."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:  # f"{x}": the value on every Python (3.11
+        return format(str(self.value), spec)  # changed Enum's)
+
+
+class Keepalive(Label):
     """Inferred keepalive status of a socket (exact strings used in JSON and labels)."""
 
     ON = "on"
     OFF = "off"
     UNKNOWN = "unknown"
-    ALL = ("on", "off", "unknown")
+    ALL: ClassVar[tuple[Keepalive, ...]]  # in this order (indexes of the tallies)
+
+
+Keepalive.ALL = (Keepalive.ON, Keepalive.OFF, Keepalive.UNKNOWN)
 
 
 class Severity(IntEnum):
@@ -130,7 +144,7 @@ class Severity(IntEnum):
             raise ValueError(f"unknown severity {text!r}") from None
 
 
-class FindingKind:
+class FindingKind(Label):
     """Exact ``kind`` strings of findings."""
 
     IDLE_NO_KEEPALIVE = "idle_no_keepalive"
@@ -141,16 +155,38 @@ class FindingKind:
     DETECTION_BUDGET = "detection_budget"
     SYSCTL = "sysctl"
     USER_TIMEOUT_TOO_SHORT = "user_timeout_too_short"
-    ALL = (
-        IDLE_NO_KEEPALIVE,
-        KEEPALIVE_TOO_SLOW,
-        KEEPALIVE_PROBING,
-        RETRANSMITTING,
-        CLOSE_WAIT,
-        DETECTION_BUDGET,
-        SYSCTL,
-        USER_TIMEOUT_TOO_SHORT,
-    )
+    ALL: ClassVar[tuple[FindingKind, ...]]
+
+
+FindingKind.ALL = tuple(FindingKind)
+
+
+class DetectionCase(Label):
+    """The two ways a dead peer is noticed (``detection_budget`` findings' ``case``)."""
+
+    IDLE = "idle"  # keepalive on the namespace's sysctls
+    IN_FLIGHT = "in_flight"  # the tcp_retries2 backoff model
+
+
+class Stage(Label):
+    """Where an error happened: the ``stage`` of ``keepalive_audit_errors_total``."""
+
+    DUMP = "dump"
+    SYSCTLS = "sysctls"
+    COUNTERS = "counters"
+    ATTRIBUTION = "attribution"
+    NETNS = "netns"
+    CONFIG = "config"
+    HTTP = "http"
+    LOG = "log"
+    INTERNAL = "internal"
+    ALL: ClassVar[tuple[Stage, ...]]
+
+
+Stage.ALL = tuple(Stage)
+# Stages of an audit itself, cleared ("audit recovered") by the first audit without them.
+AUDIT_STAGES = (Stage.DUMP, Stage.NETNS, Stage.INTERNAL, Stage.SYSCTLS, Stage.COUNTERS,
+                Stage.ATTRIBUTION)  # fmt: skip
 
 
 class Sock(NamedTuple):
@@ -374,7 +410,7 @@ class Counters:
 
 @dataclass(frozen=True, slots=True)
 class Finding:
-    kind: str
+    kind: FindingKind
     severity: Severity
     rule: str
     netns: str
@@ -384,7 +420,7 @@ class Finding:
     local: str | None = None
     remote: str | None = None
     idle_seconds: float | None = None
-    keepalive: str | None = None
+    keepalive: Keepalive | None = None
     probes: int | None = None
     retransmits: int | None = None
     abort_in_seconds: float | None = None
@@ -400,7 +436,7 @@ class Finding:
     sysctl: str | None = None
     value: float | None = None  # the sysctl's value, or the detection time in seconds
     expected: str | None = None
-    case: str | None = None  # detection_budget: "idle" or "in_flight"
+    case: DetectionCase | None = None  # detection_budget findings
     # Socket findings: the keepalive settings the verdict used, and where they came from:
     # "bpf" or "pidfd" (read exactly, see SocketOptions), "inferred" (sysctls and timer).
     keepalive_idle_seconds: float | None = None

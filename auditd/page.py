@@ -100,7 +100,8 @@ def _namespace_table(result: AuditResult, order: list[NamespaceReport]) -> list[
               "not as on the host", "all sysctls")
     )  # fmt: skip
     for ns in order:
-        ka, s = dict.fromkeys(Keepalive.ALL, 0), ns.sysctls
+        ka: dict[str, int] = dict.fromkeys(Keepalive.ALL, 0)
+        s = ns.sysctls
         for (_, k), n in ns.connections.items():
             ka[k] = ka.get(k, 0) + n
         sysctls = "".join(

@@ -39,8 +39,13 @@ def inspection_error(namespaces: Iterable[NamespaceReport]) -> str | None:
 def attribution_note(namespaces: Iterable[NamespaceReport]) -> str | None:
     """One line when an owner scan was cut short by its time budget, or None: the findings
     without a process then also lack their application's hint (issue 11)."""
-    # A scan short of processes /proc hides (hidepid) has a note of its own (kernel/limits).
-    short = [ns for ns in namespaces if not ns.attribution_complete and not ns.attribution_hidden]
+    # A scan short of processes /proc hides (hidepid), or of /proc itself, has a note of its
+    # own (kernel/limits): it was not the time budget.
+    short = [
+        ns
+        for ns in namespaces
+        if not (ns.attribution_complete or ns.attribution_hidden or ns.attribution_failed)
+    ]
     if not short:
         return None
     wanted = sum(ns.attribution_wanted for ns in short)
@@ -81,6 +86,7 @@ class NamespaceReport:
     attribution_found: int = 0
     attribution_complete: bool = True  # False: the time budget ran out, or processes hidden
     attribution_hidden: bool = False  # /proc hid other users' processes (hidepid=2)
+    attribution_failed: bool = False  # /proc itself could not be listed
     differs_from_host: tuple[str, ...] = ()  # sysctls whose value is not the host's
     inspection: Inspection | None = None  # None: not asked for (--inspect-sockets)
     # Every finding of the namespace, described or not: (kind, severity, rule) -> count.

@@ -63,7 +63,7 @@ def probes_before_abort(idle: float, intvl: float, user_timeout: float) -> int:
     return max(1, math.ceil((user_timeout - idle) / intvl - 1e-9))
 
 
-def keepalive_status(sock: Sock, options: SocketOptions | None = None) -> str:
+def keepalive_status(sock: Sock, options: SocketOptions | None = None) -> Keepalive:
     """``on``/``off``/``unknown`` from the reported timer, or SO_KEEPALIVE itself when the
     socket's ``options`` were read (then never unknown, in any state).
 

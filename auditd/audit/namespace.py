@@ -12,7 +12,7 @@ from auditd.audit.inference import idle_detection_seconds, retries2_timeout
 from auditd.audit.matching import DEFAULT_RULE
 from auditd.audit.paths import fmt_s
 from auditd.config import RuleSet, SysctlBound, Thresholds
-from auditd.model import Finding, FindingKind, Severity, Sysctls
+from auditd.model import DetectionCase, Finding, FindingKind, Severity, Sysctls
 
 
 def _expected(bound: SysctlBound) -> str:
@@ -111,8 +111,8 @@ def budget_findings(
     for rule_name, thresholds, override in checks:
         budget = thresholds.detection_budget
         for case, seconds, arithmetic in (
-            ("idle", idle, hints.idle_arithmetic(sysctls)),
-            ("in_flight", in_flight, hints.in_flight_arithmetic(sysctls)),
+            (DetectionCase.IDLE, idle, hints.idle_arithmetic(sysctls)),
+            (DetectionCase.IN_FLIGHT, in_flight, hints.in_flight_arithmetic(sysctls)),
         ):
             if seconds <= budget:
                 continue

@@ -293,6 +293,7 @@ def audit_namespace(
         attribution_found=len(owners),
         attribution_complete=scan.complete,
         attribution_hidden=scan.hidden,
+        attribution_failed=scan.error is not None,
         inspection=None if inspector is None else Inspection(
             inspected.wanted,
             len(options),

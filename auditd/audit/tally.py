@@ -154,7 +154,7 @@ class Tally:
                 self.slow_defaults or heard + sock.expires_ms >= self.probe_ms))  # fmt: skip
         return False
 
-    def reclassify(self, sock: Sock, was: str, now: str) -> None:
+    def reclassify(self, sock: Sock, was: Keepalive, now: Keepalive) -> None:
         """Moves a socket counted as ``was`` to keepalive status ``now`` (socket inspection)."""
         if was == now:
             return

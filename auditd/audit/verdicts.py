@@ -50,7 +50,7 @@ Text = tuple[str, str, "float | None"]
 class Verdict(NamedTuple):
     """One finding that applies to a socket, its text not built yet (``render``)."""
 
-    kind: str
+    kind: FindingKind
     severity: Severity
     render: Render
 

@@ -22,7 +22,7 @@ from collections.abc import Collection, Iterator, Sequence
 from auditd.kernel.owners.scan import OwnerScan
 from auditd.kernel.sockdiag import DumpStats
 from auditd.kernel.sources import KernelSource
-from auditd.model import Counters, Sock, Sysctls
+from auditd.model import Counters, Sock, Stage, Sysctls
 
 # Bit numbers from include/uapi/linux/capability.h.
 CAPABILITIES = {"CAP_DAC_READ_SEARCH": 2, "CAP_SYS_PTRACE": 19, "CAP_SYS_ADMIN": 21}
@@ -140,7 +140,7 @@ class ObservedSource:
         values = self.inner.sysctls()
         if not values.values:
             self.problems.add(
-                "sysctls", f"netns {self.name}: no TCP sysctl readable under /proc/sys/net"
+                Stage.SYSCTLS, f"netns {self.name}: no TCP sysctl readable under /proc/sys/net"
             )
         return values
 
@@ -148,7 +148,7 @@ class ObservedSource:
         counters = self.inner.counters()
         if all(getattr(counters, f) is None for f in Counters.__dataclass_fields__):
             self.problems.add(
-                "counters", f"netns {self.name}: no TCP counter readable in /proc/net/netstat"
+                Stage.COUNTERS, f"netns {self.name}: no TCP counter readable in /proc/net/netstat"
             )
         return counters
 
@@ -156,14 +156,14 @@ class ObservedSource:
         yield from self.inner.sockets(stats)
         if stats.truncated:
             self.problems.add(
-                "dump", f"netns {self.name}: sock_diag dump cut short; audited what came"
+                Stage.DUMP, f"netns {self.name}: sock_diag dump cut short; audited what came"
             )
 
     def owners(self, inodes: Collection[int], deadline: float | None = None) -> OwnerScan:
         scan = self.inner.owners(inodes, deadline)
         problem = attribution_problem(scan, len(set(inodes)))
         if problem is not None:
-            self.problems.add("attribution", problem)
+            self.problems.add(Stage.ATTRIBUTION, problem)
             if problem.startswith(HIDDEN):  # the scan could not see every process
                 scan = dataclasses.replace(scan, complete=False, hidden=True)
         return scan
