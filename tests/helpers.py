@@ -299,3 +299,27 @@ def save_dump(
 
 def fd_inode(sock: socket.socket) -> int:
     return os.fstat(sock.fileno()).st_ino
+
+
+def fake_process(
+    root: Path,
+    pid: int,
+    fds: dict[int, str],
+    comm: str | None = None,
+    cmdline: bytes | None = None,
+    cgroup: str | None = None,
+) -> Path:
+    """``root/PID`` of a fake /proc: ``fd/`` links to ``fds`` targets (``socket:[INODE]``),
+    and the ``comm``, ``cmdline`` and ``cgroup`` files given. The one builder of the tests'
+    process trees."""
+    base = root / str(pid)
+    (base / "fd").mkdir(parents=True)
+    for name, text in (("comm", None if comm is None else comm + "\n"), ("cmdline", cmdline),
+                       ("cgroup", cgroup)):  # fmt: skip
+        if isinstance(text, bytes):
+            (base / name).write_bytes(text)
+        elif text is not None:
+            (base / name).write_text(text)
+    for fd, target in fds.items():
+        os.symlink(target, base / "fd" / str(fd))
+    return base

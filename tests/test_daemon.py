@@ -21,14 +21,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import agent
 import netlab
 import pytest
-from agent import Agent, Agents, Scrape
+from agent import Agent, Agents, Scrape, wait_for
 
 from auditd import logs, notify
 
@@ -43,10 +42,6 @@ RULES_V1 = "version: 1\nrules:\n  - name: alpha\n    match: {remote_ports: [5432
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = 10.0) -> Any:
-    return agent.wait_for(what, probe, timeout)
 
 
 @functools.cache

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from agent import Agents, agents_fixture, wait_for
-from helpers import DATA, diag_message, nlmsg, tcp_info
+from helpers import DATA, diag_message, fake_process, nlmsg, tcp_info
 
 from auditd import cli, logs
 from auditd.daemon import Daemon, DaemonOptions
@@ -103,11 +103,7 @@ def proc(tmp_path: Path) -> Path:
 
 
 def make_process(root: Path, pid: int, name: str, fds: dict[int, str]) -> None:
-    (root / str(pid) / "fd").mkdir(parents=True)
-    (root / str(pid) / "comm").write_text(f"{name}\n")
-    (root / str(pid) / "cmdline").write_bytes(name.encode() + b"\0-h\0db\0")
-    for fd, target in fds.items():
-        os.symlink(target, root / str(pid) / "fd" / str(fd))
+    fake_process(root, pid, fds, name, name.encode() + b"\0-h\0db\0")
 
 
 class Harness:

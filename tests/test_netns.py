@@ -26,6 +26,7 @@ from typing import Any
 
 import netlab
 import pytest
+from agent import free_port
 from helpers import DEFAULT_SYSCTLS, FakeKernel
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -514,12 +515,6 @@ def test_a_namespace_that_vanishes_during_the_audit_is_skipped(
 
 
 # --- the daemon ---------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_scrape(

@@ -4,7 +4,6 @@ recognised application, on fake /proc trees and on the real kernel."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import textwrap
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import netlab
 import pytest
-from helpers import FakeKernel, make_sock, ruleset
+from helpers import FakeKernel, fake_process, make_sock, ruleset
 
 from auditd import report
 from auditd.audit import hints
@@ -57,13 +56,7 @@ def test_unit_and_container(cgroup: str, expected: tuple[str | None, str | None]
 
 def fake_proc(root: Path, pid: int, comm: str, cmdline: bytes, cgroup: str,
               fds: dict[int, str]) -> None:  # fmt: skip
-    base = root / str(pid)
-    (base / "fd").mkdir(parents=True)
-    (base / "comm").write_text(comm + "\n")
-    (base / "cmdline").write_bytes(cmdline)
-    (base / "cgroup").write_text(cgroup)
-    for fd, target in fds.items():
-        os.symlink(target, base / "fd" / str(fd))
+    fake_process(root, pid, fds, comm, cmdline, cgroup)
 
 
 def test_owner_with_cmdline_unit_container_and_fd(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import fake_process
 
 from auditd.kernel import LocalKernel, OwnerFinder
 from auditd.kernel.owners import _fdscan_child
@@ -269,9 +270,7 @@ def test_garbage_from_the_child_gives_none(reply: str) -> None:
 
 
 def fake_proc_fds(root: Path, pid: int, fds: dict[int, str]) -> None:
-    (root / str(pid) / "fd").mkdir(parents=True)
-    for fd, target in fds.items():
-        os.symlink(target, root / str(pid) / "fd" / str(fd))
+    fake_process(root, pid, fds)
 
 
 def run_child(proc_root: Path, requests: str) -> subprocess.CompletedProcess[str]:

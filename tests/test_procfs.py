@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import DATA, fd_inode
+from helpers import DATA, fake_process, fd_inode
 
 from auditd.kernel import LocalKernel, procfs
 from auditd.kernel.owners import scan as procs
@@ -181,14 +181,8 @@ def test_live_sysctls_and_counters() -> None:
 # --- socket owners ----------------------------------------------------------------------------
 
 
-def fake_process(root: Path, pid: int, name: str, cmdline: bytes, fds: dict[int, str]) -> Path:
-    base = root / str(pid)
-    write(base / "comm", name + "\n")
-    write(base / "cmdline", cmdline)
-    (base / "fd").mkdir()
-    for fd, target in fds.items():
-        os.symlink(target, base / "fd" / str(fd))
-    return base
+def fake_owner(root: Path, pid: int, name: str, cmdline: bytes, fds: dict[int, str]) -> Path:
+    return fake_process(root, pid, fds, name, cmdline)
 
 
 @pytest.fixture
@@ -196,17 +190,17 @@ def proc_tree() -> Iterator[Path]:
     """A fake /proc that other users can traverse (the permission case runs as nobody)."""
     root = Path(tempfile.mkdtemp(prefix="kaud-proc-"))
     root.chmod(0o755)
-    fake_process(
+    fake_owner(
         root,
         100,
         "nginx",
         b"nginx: master process\0-g\0daemon off;\0",
         {0: "/dev/null", 3: "socket:[5001]", 4: "pipe:[77]", 5: "socket:[5002]"},
     )
-    fake_process(root, 200, "postgres", b"postgres\0-D\0/var/lib/pg\0",
+    fake_owner(root, 200, "postgres", b"postgres\0-D\0/var/lib/pg\0",
                  {7: "socket:[6001]", 8: "anon_inode:[eventpoll]"})  # fmt: skip
     # Same inode also held by a child (after fork): the first process found wins.
-    fake_process(root, 300, "nginx", b"nginx: worker process\0", {3: "socket:[5001]"})
+    fake_owner(root, 300, "nginx", b"nginx: worker process\0", {3: "socket:[5001]"})
     # Vanished between listdir and reading fd/: no fd directory.
     write(root / "400" / "comm", "ghost\n")
     # fd/ is not a directory (as good as unreadable).
@@ -216,7 +210,7 @@ def proc_tree() -> Iterator[Path]:
     (root / "600" / "fd").mkdir(parents=True)
     os.symlink("socket:[7001]", root / "600" / "fd" / "3")
     # An fd entry that is not a symlink (readlink fails): skipped.
-    fake_process(root, 700, "weird", b"", {})
+    fake_owner(root, 700, "weird", b"", {})
     write(root / "700" / "fd" / "9", "")
     # Not pids.
     (root / "self").mkdir()

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
+from agent import free_port
 
 from auditd import __version__
 
@@ -75,13 +76,6 @@ def promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
 
 def _output(proc: subprocess.CompletedProcess[str]) -> str:
     return f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-
-
-def free_port() -> int:
-    """A port nothing listens on now; the caller hands it to a process that binds it soon."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def parse_duration(text: str) -> float:
