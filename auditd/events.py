@@ -16,16 +16,18 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from auditd.abort_records import AbortIndex, AbortRecord, make_record
+from auditd.abort_records import AbortIndex, AbortRecord, Known, make_record
 from auditd.aborts import Correlator
 from auditd.errors import AuditdError
 from auditd.kernel.events import Batch, EventSource, Kind, open_event_source
 from auditd.kernel.events.sockopts import OptionsReader
+from auditd.model import SocketOptions
 from auditd.results import AuditResult
 
 READ_TIMEOUT = 0.2  # seconds a read waits: how fast the thread notices it must stop
 RETRY = 30.0  # seconds before reopening the events after they failed
 LOG_RATE, LOG_BURST = 10.0, 20  # abort log lines a second, and the burst allowed
+OPTIONS_BUDGET = 0.05  # seconds per batch spent reading aborted sockets' options
 
 
 class AbortPipeline:
@@ -37,22 +39,30 @@ class AbortPipeline:
         self.options = options or OptionsReader()
 
     def records(self, batch: Batch, wall_offset: float) -> list[AbortRecord]:
-        """``wall_offset``: unix time minus CLOCK_MONOTONIC, to date the events."""
+        """``wall_offset``: unix time minus CLOCK_MONOTONIC, to date the events. Reading a
+        socket's options scans its owner's fds (a proxy may hold 20k): past
+        ``OPTIONS_BUDGET`` seconds in one batch the rest get their namespace's settings."""
         out = []
+        deadline = time.monotonic() + OPTIONS_BUDGET
         for event in batch.events:
             abort = self.correlator.feed(event)
             if abort is None:
                 continue
             when = abort.time_ns / 1e9 + wall_offset
             known = self.index.find(abort.local, abort.remote, when)
-            opts = None
-            if known is not None and known.pid is not None and known.inode is not None:
-                opts = self.options.read(known.pid, known.inode)
+            opts = self._options(known, deadline)
             sysctls = self.index.sysctls.get(known.netns) if known is not None else None
             record = make_record(abort, when, known, opts, sysctls)
             if record is not None:
                 out.append(record)
         return out
+
+    def _options(self, known: Known | None, deadline: float) -> SocketOptions | None:
+        if known is None or known.pid is None or known.inode is None:
+            return None
+        if time.monotonic() > deadline:
+            return None
+        return self.options.read(known.pid, known.inode)
 
 
 def wall_offset() -> float:
@@ -88,16 +98,30 @@ class LogFold:
         self.tokens, self.folded = float(burst), 0
         self._last: float | None = None
 
-    def admit(self, now: float) -> tuple[bool, int]:
+    def _refill(self, now: float) -> None:
         if self._last is not None:
             self.tokens = min(self.burst, self.tokens + (now - self._last) * self.rate)
         self._last = now
+
+    def admit(self, now: float) -> tuple[bool, int]:
+        self._refill(now)
         if self.tokens < 1:
             self.folded += 1
             return False, 0
         self.tokens -= 1
         folded, self.folded = self.folded, 0
         return True, folded
+
+    def flush(self, now: float) -> int:
+        """The lines folded and not told yet, if a summary line may go out now (else 0)."""
+        if not self.folded:
+            return 0
+        self._refill(now)
+        if self.tokens < 1:
+            return 0
+        self.tokens -= 1
+        folded, self.folded = self.folded, 0
+        return folded
 
 
 def log_fields(record: AbortRecord) -> dict[str, object]:
@@ -197,6 +221,11 @@ class AbortWatch:
             for record in records:
                 self._count(record)
                 self._log(record)
+            if not records:  # a burst is over: say how many lines it folded
+                folded = self.fold.flush(self.clock())
+                if folded:
+                    self.log.warning("connection aborts not logged one by one",
+                                     extra={"folded": folded})  # fmt: skip
 
     def _count(self, record: AbortRecord) -> None:
         self._add((record.netns, record.reason.value, record.rule, str(record.predicted).lower()))

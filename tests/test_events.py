@@ -279,6 +279,8 @@ def test_log_fold_lets_a_burst_through_then_counts() -> None:
     assert got == [(True, 0)] * 3 + [(False, 0)] * 2
     assert fold.admit(101.0) == (True, 2)
     assert fold.admit(101.0) == (False, 0)
+    assert fold.flush(101.0) == 0  # no token yet
+    assert fold.flush(102.5) == 1 and fold.flush(103.0) == 0  # told once
 
 
 def test_collector_exports_the_counts_and_zeros_for_the_host_and_unknown() -> None:
