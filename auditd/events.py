@@ -3,9 +3,10 @@
 ``AbortPipeline`` turns a batch of tracepoint events into AbortRecords (correlate, match
 against the last audit, read the socket's settings while its fd still exists). ``AbortWatch``
 runs it in a thread of the agent: it counts every abort by (netns, reason, rule, predicted)
-and the events the kernel lost, logs one line per abort (at most ``LOG_RATE`` a second, the
-folded ones counted on the next line), and never lets an error out of its thread: without
-the privileges or tracepoints it logs one note and the rest of the agent runs.
+and the events the kernel lost, logs one line per abort (at most ``LOG_RATE`` a second for
+predicted and as many for unpredicted ones, the folded ones counted on the next line), and
+never lets an error out of its thread: without the privileges or tracepoints it logs one
+note and the rest of the agent runs.
 """
 
 from __future__ import annotations
@@ -144,7 +145,9 @@ class AbortWatch:
         self.log, self.opener, self.clock = log, opener, clock
         self.state = AbortState()
         self.stop_event = threading.Event()
-        self.fold = LogFold()
+        # predicted and unpredicted aborts fold apart: a flood of unflagged ones elsewhere
+        # does not hide the ones a finding warned of
+        self.folds = {True: LogFold(), False: LogFold()}
         self._pipeline: AbortPipeline | None = None
         self._last: AuditResult | None = None
         self._lock = threading.Lock()  # the pipeline's index: audit thread vs event thread
@@ -221,17 +224,17 @@ class AbortWatch:
             for record in records:
                 self._count(record)
                 self._log(record)
-            if not records:  # a burst is over: say how many lines it folded
-                folded = self.fold.flush(self.clock())
+            for predicted, fold in self.folds.items() if not records else ():
+                folded = fold.flush(self.clock())  # a burst is over: how many it folded
                 if folded:
                     self.log.warning("connection aborts not logged one by one",
-                                     extra={"folded": folded})  # fmt: skip
+                                     extra={"folded": folded, "predicted": predicted})  # fmt: skip
 
     def _count(self, record: AbortRecord) -> None:
         self._add((record.netns, record.reason.value, record.rule, str(record.predicted).lower()))
 
     def _log(self, record: AbortRecord) -> None:
-        ok, folded = self.fold.admit(self.clock())
+        ok, folded = self.folds[record.predicted].admit(self.clock())
         if not ok:
             return
         fields = log_fields(record)

@@ -396,3 +396,21 @@ def test_a_failing_source_is_logged_and_does_not_escape() -> None:
     watch.stop()
     assert lines[0].getMessage() == "abort events failed" and source.closed
     assert threading.active_count() >= 1
+
+
+def test_a_flood_of_unpredicted_aborts_does_not_hide_a_predicted_one() -> None:
+    flood = tuple(e for i in range(60) for e in _abort_events(f"10.9.9.9:{i + 10}"))
+    source = FakeSource([Batch((*flood, *_abort_events("10.0.0.1:1")), 0)])
+    log, lines = _logger()
+    pipeline = AbortPipeline(options=NoOptions())  # type: ignore[arg-type]
+    watch = AbortWatch(log, opener=lambda: (source, pipeline))  # type: ignore[arg-type, return-value]
+    watch.update(result(0.0, finding()))
+    watch.start()
+    deadline = time.monotonic() + 5
+    while sum(watch.state.counts.values()) < 61 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    watch.stop()
+    logged = [getattr(r, "local", None) for r in lines]
+    assert "10.0.0.1:1" in logged  # the predicted one, after the unpredicted burst
+    assert len([x for x in logged if x and x.startswith("10.9.9.9:")]) == 20  # the burst
+    assert watch.state.counts[(UNKNOWN, "peer_reset", UNKNOWN, "false")] == 60
