@@ -66,6 +66,10 @@ class KernelAbort:
     peer_rst: bool
     cookie: int | None  # sock_cookie of the received RST (= sock_diag's idiag_cookie)
     retransmits: int  # tcp_retransmit_skb events seen for it
+    # False: nothing before the error report showed an established connection (its RST or
+    # retransmissions lost in a flood, or a connect() that failed): keep it only for a
+    # connection an audit saw established
+    evidence: bool = True
 
 
 @dataclass(slots=True)
@@ -73,16 +77,26 @@ class _Pending:
     time_ns: int
     keepalive_rst: bool = False
     cookie: int | None = None
-    state: int | None = None
-    retransmits: int = 0
+    state: int = 0  # the state it was in, when an event says
+    closed: bool = False  # inet_sock_set_state to CLOSE seen (kernels without RST reasons)
 
 
 # The events of one abort come within microseconds; a half-seen one older than this is stale.
 WINDOW_NS = 2_000_000_000
 
+Key = tuple[str, str]
+
 
 class Correlator:
     """Feed it TraceEvents in order; it returns a KernelAbort when one completes.
+
+    An established connection's abort shows itself before its error report: the keepalive
+    timer's RST, the peer's RST, or data retransmitted (SYN retransmissions are filtered out
+    in the kernel). A connect() that timed out or found no route in SYN_SENT has none of
+    them: it comes out with ``evidence`` False, for the caller to keep only if an audit saw
+    the connection established (a flood can also push its retransmissions out of memory).
+    Kernels before 6.10 name no RST reason: there the state change to CLOSE from an
+    established state (``keepalive_rst_known`` False) is required instead.
 
     Memory is bounded: at most ``max_tuples`` connections with retransmissions counted and
     ``max_pending`` half-seen aborts (refused connects leave received RSTs behind), the
@@ -94,10 +108,10 @@ class Correlator:
     ) -> None:
         self.keepalive_rst_known = keepalive_rst_known
         self.max_pending, self.max_tuples = max_pending, max_tuples
-        self._pending: OrderedDict[tuple[str, str], _Pending] = OrderedDict()
-        self._retransmits: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._pending: OrderedDict[Key, _Pending] = OrderedDict()
+        self._retransmits: OrderedDict[Key, tuple[int, int]] = OrderedDict()  # count, state
 
-    def _entry(self, key: tuple[str, str], time_ns: int) -> _Pending:
+    def _entry(self, key: Key, time_ns: int) -> _Pending:
         entry = self._pending.get(key)
         if entry is None or time_ns - entry.time_ns > WINDOW_NS:
             entry = self._pending[key] = _Pending(time_ns)
@@ -108,32 +122,37 @@ class Correlator:
     def feed(self, event: TraceEvent) -> KernelAbort | None:
         key = (event.local, event.remote)
         if event.kind is Kind.RETRANSMIT:
-            self._retransmits[key] = self._retransmits.pop(key, 0) + 1
+            count, _ = self._retransmits.pop(key, (0, 0))
+            self._retransmits[key] = (count + 1, event.state)
             if len(self._retransmits) > self.max_tuples:
                 self._retransmits.popitem(last=False)
         elif event.kind is Kind.SEND_RESET:
-            self._entry(key, event.time_ns).keepalive_rst = True
+            entry = self._entry(key, event.time_ns)
+            entry.keepalive_rst, entry.state = True, entry.state or event.state
         elif event.kind is Kind.RECEIVE_RESET:
             self._entry(key, event.time_ns).cookie = event.cookie
         elif event.kind is Kind.SET_STATE:
             entry = self._entry(key, event.time_ns)
-            entry.state = event.oldstate
-            entry.retransmits = self._retransmits.pop(key, 0)
+            entry.state, entry.closed = event.oldstate, True
         elif event.kind is Kind.ERROR_REPORT:
             return self._commit(key, event)
         return None
 
-    def _commit(self, key: tuple[str, str], event: TraceEvent) -> KernelAbort | None:
+    def _commit(self, key: Key, event: TraceEvent) -> KernelAbort | None:
         entry = self._pending.pop(key, None)
-        if entry is None or entry.state is None or event.time_ns - entry.time_ns > WINDOW_NS:
-            return None  # no state change to CLOSE from an established state: not an abort
+        if entry is None or event.time_ns - entry.time_ns > WINDOW_NS:
+            entry = _Pending(event.time_ns)
+        retransmits, retransmit_state = self._retransmits.pop(key, (0, 0))
         peer_rst = entry.cookie is not None
         if event.error == errno.ECONNRESET and not peer_rst:
-            return None
+            return None  # a reset this host sent (tcp_disconnect, SO_LINGER 0)
         keepalive_rst: bool | None = entry.keepalive_rst
         if not self.keepalive_rst_known:
+            if not entry.closed:
+                return None
             keepalive_rst = None
         return KernelAbort(
-            event.time_ns, event.local, event.remote, event.error, entry.state,
-            keepalive_rst, peer_rst, entry.cookie, entry.retransmits,
+            event.time_ns, event.local, event.remote, event.error,
+            entry.state or retransmit_state, keepalive_rst, peer_rst, entry.cookie, retransmits,
+            entry.closed or bool(entry.keepalive_rst or peer_rst or retransmits),
         )  # fmt: skip

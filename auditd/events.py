@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from auditd.abort_records import AbortIndex, AbortRecord, Known, make_record
 from auditd.aborts import Correlator
 from auditd.errors import AuditdError
-from auditd.kernel.events import Batch, EventSource, Kind, open_event_source
+from auditd.kernel.events import Batch, EventSource, keepalive_reason, open_event_source
 from auditd.kernel.events.sockopts import OptionsReader
 from auditd.model import SocketOptions
 from auditd.results import AuditResult
@@ -51,6 +51,8 @@ class AbortPipeline:
                 continue
             when = abort.time_ns / 1e9 + wall_offset
             known = self.index.find(abort.local, abort.remote, when)
+            if known is None and not abort.evidence:
+                continue  # a connect() that failed, as far as anything shows
             opts = self._options(known, deadline)
             sysctls = self.index.sysctls.get(known.netns) if known is not None else None
             record = make_record(abort, when, known, opts, sysctls)
@@ -74,7 +76,7 @@ def open_pipeline(
     opener: Callable[[], EventSource] = open_event_source,
 ) -> tuple[EventSource, AbortPipeline]:
     source = opener()
-    return source, AbortPipeline(Kind.SEND_RESET in source.decoder.formats)
+    return source, AbortPipeline(keepalive_reason(source.decoder.formats) is not None)
 
 
 Labels = tuple[str, str, str, str]  # netns, reason, rule, predicted

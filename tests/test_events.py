@@ -70,21 +70,28 @@ def test_a_broken_format_file_is_an_error(text: str) -> None:
 
 
 def test_filters_keep_only_aborts() -> None:
-    by_id = {p.id: p.filter for p in probes(formats())}
     f = formats()
+    by_id = {p.id: p.filter for p in probes(f)}
     assert by_id[f[Kind.ERROR_REPORT].id] == (
         "protocol == 6 && (error == 110 || error == 104 || error == 113 || error == 101 "
         "|| error == 112)"
     )
-    assert "newstate == 7" in by_id[f[Kind.SET_STATE].id]
     assert by_id[f[Kind.SEND_RESET].id] == "reason == 15"
+    assert by_id[f[Kind.RETRANSMIT].id] == "state != 2"
+    # With RST reasons every abort shows itself without the state change, which every local
+    # reset (SO_LINGER 0, ss -K) would pass.
+    assert f[Kind.SET_STATE].id not in by_id
 
 
-def test_without_reset_reasons_the_send_reset_tracepoint_is_left_out() -> None:
+def test_without_reset_reasons_the_state_change_replaces_send_reset() -> None:
     f = formats()
     old = f[Kind.SEND_RESET]
     f[Kind.SEND_RESET] = EventFormat(old.system, old.name, old.id, old.fields, {})
-    assert old.id not in {p.id for p in probes(f)}
+    by_id = {p.id: p.filter for p in probes(f)}
+    assert old.id not in by_id
+    assert by_id[f[Kind.SET_STATE].id] == (
+        "protocol == 6 && newstate == 7 && (oldstate == 1 || oldstate == 4 || oldstate == 8)"
+    )
 
 
 def test_attr_and_cpu_list() -> None:
@@ -135,7 +142,8 @@ def test_recorded_aborts_decode_to_what_was_staged() -> None:
         assert abort is not None, case
         record = make_record(abort, 0.0, None)
         assert record is not None and record.reason.value == case["reason"], (case, abort)
-        assert record.state == "established"
+        # tcp_send_reset and tcp_retransmit_skb carry the state; a received RST does not
+        assert record.state == ("unknown" if case["reason"] == "peer_reset" else "established")
         if case["reason"] == "retransmit_timeout":
             assert abort.retransmits >= 3
         if case["reason"] == "peer_reset":
@@ -181,17 +189,24 @@ def ev(kind: Kind, t: int = 0, local: str = "10.0.0.1:1", **kw: int) -> TraceEve
     return TraceEvent(kind, t, local, "10.0.0.2:2", **kw)
 
 
-def test_correlator_needs_the_state_change_and_a_fresh_one() -> None:
+def test_correlator_needs_a_sign_of_an_established_connection() -> None:
     c = Correlator()
-    assert c.feed(ev(Kind.ERROR_REPORT, error=110)) is None  # SYN_SENT: connect() timed out
-    c.feed(ev(Kind.SET_STATE, 0, oldstate=1, newstate=7))
-    assert c.feed(ev(Kind.ERROR_REPORT, 3_000_000_000, error=110)) is None  # stale
+    for error in (110, 113):  # SYN_SENT: connect() timed out, no route; or all else lost
+        abort = c.feed(ev(Kind.ERROR_REPORT, error=error))
+        assert abort is not None and not abort.evidence
+    c.feed(ev(Kind.RECEIVE_RESET, 0, cookie=5))
+    assert c.feed(ev(Kind.ERROR_REPORT, 3_000_000_000, error=104)) is None  # stale RST
     for _ in range(3):
-        c.feed(ev(Kind.RETRANSMIT))
-    c.feed(ev(Kind.SET_STATE, 5, oldstate=8, newstate=7))
+        c.feed(ev(Kind.RETRANSMIT, state=8))
     abort = c.feed(ev(Kind.ERROR_REPORT, 6, error=110))
     assert abort is not None and abort.retransmits == 3 and abort.state == 8
-    assert abort.keepalive_rst is False
+    assert abort.keepalive_rst is False and abort.evidence
+    c.feed(ev(Kind.SEND_RESET, 7, state=1, reason=15))
+    abort = c.feed(ev(Kind.ERROR_REPORT, 8, error=110))
+    assert abort is not None and abort.keepalive_rst and abort.state == 1 and not abort.retransmits
+    c.feed(ev(Kind.RECEIVE_RESET, 9, cookie=77))
+    abort = c.feed(ev(Kind.ERROR_REPORT, 10, error=104))
+    assert abort is not None and abort.peer_rst and abort.cookie == 77
 
 
 def test_correlator_memory_is_bounded() -> None:
@@ -202,12 +217,13 @@ def test_correlator_memory_is_bounded() -> None:
     assert len(c._pending) == 10 and len(c._retransmits) == 10
 
 
-def test_before_reset_reasons_no_retransmission_means_keepalive() -> None:
+def test_before_reset_reasons_the_state_change_proves_it() -> None:
     c = Correlator(keepalive_rst_known=False)
+    assert c.feed(ev(Kind.ERROR_REPORT, error=110)) is None  # no state change: SYN_SENT
     c.feed(ev(Kind.SET_STATE, oldstate=1, newstate=7))
     abort = c.feed(ev(Kind.ERROR_REPORT, error=110))
-    assert abort is not None and abort.keepalive_rst is None
-    record = make_record(abort, 1.0, None)
+    assert abort is not None and abort.keepalive_rst is None and abort.state == 1
+    record = make_record(abort, 1.0, None)  # no retransmission seen: the keepalive timer
     assert record is not None and record.reason is Reason.KEEPALIVE_TIMEOUT
 
 
@@ -414,3 +430,15 @@ def test_a_flood_of_unpredicted_aborts_does_not_hide_a_predicted_one() -> None:
     assert "10.0.0.1:1" in logged  # the predicted one, after the unpredicted burst
     assert len([x for x in logged if x and x.startswith("10.9.9.9:")]) == 20  # the burst
     assert watch.state.counts[(UNKNOWN, "peer_reset", UNKNOWN, "false")] == 60
+
+
+def test_an_abort_without_evidence_counts_only_for_a_connection_an_audit_saw() -> None:
+    """A connect() that timed out looks like an abort whose retransmissions were lost."""
+    pipeline = AbortPipeline(options=NoOptions())  # type: ignore[arg-type]
+    pipeline.index.update(result(0.0, finding()))
+    batch = Batch((ev(Kind.ERROR_REPORT, 1, "10.0.0.1:1", error=110),
+                   ev(Kind.ERROR_REPORT, 2, "10.0.0.1:9", error=110)), 0)  # fmt: skip
+    records = pipeline.records(batch, 0.0)
+    assert [(r.local, r.predicted, r.reason) for r in records] == [
+        ("10.0.0.1:1", True, Reason.RETRANSMIT_TIMEOUT)
+    ]

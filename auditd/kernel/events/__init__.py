@@ -6,10 +6,11 @@ Which tracepoints and why (shared/KERNEL.md, "Tracepoints of a connection's end"
   net/ipv4/tcp_input.c): ETIMEDOUT for keepalive, retransmission and user timeouts, an ICMP
   error (EHOSTUNREACH, ENETUNREACH, EHOSTDOWN) that ended a retransmission train, ECONNRESET
   for a reset. Kept in the kernel: those errors only.
-- ``sock:inet_sock_set_state`` from ESTABLISHED, FIN_WAIT1 or CLOSE_WAIT straight to CLOSE, just
-  before: tells an established connection's abort from a connect() that timed out in SYN_SENT.
 - ``tcp:tcp_send_reset`` with reason TCP_KEEPALIVE_TIMEOUT (Linux 6.10+): the keepalive timer
   gave up, as opposed to the retransmission timer.
+- ``sock:inet_sock_set_state`` from ESTABLISHED, FIN_WAIT1 or CLOSE_WAIT straight to CLOSE, only
+  on kernels without RST reasons: there it tells an established connection's abort from a
+  connect() that failed in SYN_SENT (with them, the RST or the retransmissions do).
 - ``tcp:tcp_receive_reset``: the peer sent the RST (carries ``sock_cookie``).
 - ``tcp:tcp_retransmit_skb`` (SYN retransmissions left out): counts the retransmissions.
 
@@ -28,7 +29,15 @@ from auditd.kernel.events.decode import Decoder, Kind, TraceEvent, events, parse
 from auditd.kernel.events.perf import PerfSource, Probe
 from auditd.kernel.events.tracefs import EventFormat, read_format, tracefs_root
 
-__all__ = ["Batch", "EventSource", "Kind", "TraceEvent", "open_event_source", "probes"]
+__all__ = [
+    "Batch",
+    "EventSource",
+    "Kind",
+    "TraceEvent",
+    "keepalive_reason",
+    "open_event_source",
+    "probes",
+]
 
 # errno values (include/uapi/asm-generic/errno.h) an abort reports.
 ABORT_ERRORS = (errno.ETIMEDOUT, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH,
@@ -43,20 +52,31 @@ def _any(field: str, values: tuple[int, ...]) -> str:
     return "(" + " || ".join(f"{field} == {v}" for v in values) + ")"
 
 
+def keepalive_reason(formats: Mapping[Kind, EventFormat]) -> int | None:
+    """The number of TCP_KEEPALIVE_TIMEOUT in tcp_send_reset's reasons (Linux 6.10+), or None."""
+    reset = formats.get(Kind.SEND_RESET)
+    return reset.symbols.get("reason", {}).get(KEEPALIVE_RST) if reset else None
+
+
 def probes(formats: Mapping[Kind, EventFormat]) -> list[Probe]:
-    """The tracepoints to open, each with its kernel filter; pure. ``tcp_send_reset`` is
-    left out when its format has no keepalive reason to filter on (before Linux 6.10)."""
+    """The tracepoints to open, each with its kernel filter; pure. With the keepalive RST
+    reason (Linux 6.10+) an abort shows itself in its RST or retransmissions
+    (auditd.aborts.Correlator), and inet_sock_set_state is left out: every reset this host
+    sends itself (SO_LINGER 0, ``ss -K``, a benchmark closing 200k sockets) would pass its
+    filter. Without the reason, tcp_send_reset is left out and the state change is read."""
     filters = {
         Kind.ERROR_REPORT: f"protocol == {IPPROTO_TCP} && " + _any("error", ABORT_ERRORS),
-        Kind.SET_STATE: f"protocol == {IPPROTO_TCP} && newstate == {TCP_CLOSE} && "
-        + _any("oldstate", (TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_CLOSE_WAIT)),
         Kind.RECEIVE_RESET: "",
         Kind.RETRANSMIT: f"state != {TCP_SYN_SENT}",
     }
-    reset = formats.get(Kind.SEND_RESET)
-    keepalive = reset.symbols.get("reason", {}).get(KEEPALIVE_RST) if reset else None
+    keepalive = keepalive_reason(formats)
     if keepalive is not None:
         filters[Kind.SEND_RESET] = f"reason == {keepalive}"
+    else:
+        filters[Kind.SET_STATE] = (
+            f"protocol == {IPPROTO_TCP} && newstate == {TCP_CLOSE} && "
+            + _any("oldstate", (TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_CLOSE_WAIT))
+        )
     return [Probe(formats[kind].id, text) for kind, text in filters.items() if kind in formats]
 
 
@@ -67,6 +87,10 @@ class Batch:
 
 
 REQUIRED = (Kind.ERROR_REPORT, Kind.SET_STATE)
+
+
+def _time(event: TraceEvent) -> int:
+    return event.time_ns
 
 
 class EventSource:
@@ -84,6 +108,9 @@ class EventSource:
             ring = parse_ring(data)
             lost += ring.lost
             out.extend(events(self.decoder, ring))
+        # One CPU's ring is in order; across CPUs, the times (one CLOCK_MONOTONIC) order them:
+        # a connection's retransmissions may have run on the other CPU than its abort.
+        out.sort(key=_time)
         return Batch(tuple(out), lost)
 
     def close(self) -> None:

@@ -48,6 +48,7 @@ class TraceEvent:
     newstate: int = 0
     reason: int = -1  # tcp_send_reset's sk_rst_reason
     cookie: int = 0  # tcp_receive_reset
+    state: int = 0  # tcp_send_reset, tcp_retransmit_skb: the socket's state
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +116,7 @@ class Decoder:
             newstate=_int(raw, f.get("newstate")),
             reason=_int(raw, f.get("reason")) if "reason" in f else -1,
             cookie=_int(raw, f.get("sock_cookie")),
+            state=_int(raw, f.get("state")),
         )  # fmt: skip
 
 
