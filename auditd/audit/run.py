@@ -314,6 +314,7 @@ def _merged(a: OwnerScan, b: OwnerScan) -> OwnerScan:
         a.denied + b.denied,
         a.error or b.error,
         {**a.fds, **b.fds},
+        a.hidden or b.hidden,
     )
 
 
