@@ -28,6 +28,7 @@ from auditd.kernel.owners.scan import OwnerScan
 from auditd.kernel.sockdiag import DumpStats
 from auditd.kernel.sources import KernelSource
 from auditd.model import (
+    Counters,
     Finding,
     FindingKind,
     Keepalive,
@@ -203,18 +204,116 @@ def audit_namespace(
     ``finding_counts``, and only the sockets described are attributed. ``attribution_cap``:
     the owner scan's budget becomes this (see ONE_SHOT_ATTRIBUTION_CAP_SECONDS) instead of a
     share of the dump's time, which suits an agent that resumes the scan next cycle.
+
+    Three phases: the dump (counted, pre-filtered, judged as it streams where it can), the
+    owners (and options) of the sockets kept, then the findings described and the report.
     """
     sysctls = source.sysctls()
     counters = source.counters()
     if inspector is not None:
         inspector = _for_namespace(inspector, source, sysctls)
-    stats = DumpStats()
-    limits = loosest(rules, middlebox_cap(sysctls))
-    # Rules with a detection budget of their own are checked for the namespace only if they
-    # match one of its sockets; that needs a rule lookup per socket until each has matched.
-    # Rules that match on process names can only be seen matching a flagged, attributed socket.
+    run = _Dumped(rules, sysctls, inspector, max_findings)
+    run.dump(source, monotonic)
+    attributed = run.attribute(source, monotonic, attribution_cap)
+    findings = run.describe(attributed, netns)
+    namespace_findings = [
+        *sysctl_findings(rules, sysctls, netns, host),
+        *budget_findings(rules, sysctls, netns, frozenset(run.matched), host),
+    ]
+    report = _report(run, attributed, source.netns_inode(), netns, counters, host)
+    counts = count_findings(namespace_findings, dict(run.judged.counts))
+    return replace(report, finding_counts=counts), [*findings, *namespace_findings]
+
+
+@dataclass(slots=True)
+class _Attributed:
+    """The owners of the sockets kept, and what inspection read of them."""
+
+    scan: OwnerScan
+    wanted: list[int]
+    inspected: _Inspected
+
+
+class _Dumped:
+    """One namespace's dump, and what it left to attribute and describe."""
+
+    def __init__(
+        self, rules: RuleSet, sysctls: Sysctls, inspector: Inspector | None, max_findings: int
+    ) -> None:
+        self.rules, self.sysctls, self.inspector = rules, sysctls, inspector
+        self.stats = DumpStats()
+        self.matched: set[str] = set()
+        self.judged = _Judged(rules, sysctls, max_findings, self.matched)
+        # Judged while the dump streams, unless the verdict needs the owner (process rules)
+        # or the socket's options (inspection): then the flagged sockets wait for attribution.
+        self.direct = inspector is None and not rules.uses_processes
+        self.kept: list[Sock] = []
+        self.candidates: list[Sock] = []  # with an inspector: the sockets to read options of
+        limits = loosest(rules, middlebox_cap(sysctls))
+        self.tally = Tally(limits, probe_cadence(sysctls.keepalive_time, sysctls.keepalive_intvl))
+        self.seconds = 0.0
+
+    def dump(self, source: KernelSource, monotonic: Callable[[], float]) -> None:
+        visit = _rule_watcher(self.rules, self.matched)
+        if self.inspector is not None:
+            visit = _collector(self.candidates, visit)
+        keep = self.judged.add if self.direct else self.kept.append
+        started = monotonic()
+        self.tally.run(source.sockets(self.stats), keep, visit)
+        self.seconds = monotonic() - started
+
+    def attribute(
+        self, source: KernelSource, monotonic: Callable[[], float], cap: float | None
+    ) -> _Attributed:
+        """Owners of the sockets kept (within a budget), their options when inspected, and
+        the verdicts that waited for them."""
+        inspector = self.inspector
+        # The BPF socket pass reads options without owners: then only flagged sockets need one.
+        by_fd = inspector is not None and getattr(inspector, "needs_owners", True)
+        if not by_fd:
+            budget = max(ATTRIBUTION_MIN_SECONDS, ATTRIBUTION_FRACTION * self.seconds)
+            kept = self.judged.socks() if self.direct else self.kept
+            wanted = [s.inode for s in kept if s.inode]
+        else:
+            budget = max(
+                INSPECT_ATTRIBUTION_MIN_SECONDS, INSPECT_ATTRIBUTION_FRACTION * self.seconds
+            )
+            wanted = list({s.inode for s in (*self.kept, *self.candidates) if s.inode})
+        if cap is not None:
+            budget = max(budget, cap)
+        scan = source.owners(wanted, monotonic() + budget) if wanted else OwnerScan()
+        inspected = _Inspected() if inspector is None else _inspect(
+            inspector, self.candidates, self.kept, scan, self.tally
+        )  # fmt: skip
+        if inspected.extra and not by_fd:  # flagged only by their exact options: owners too
+            more = [s.inode for s in inspected.extra if s.inode]
+            wanted += more
+            scan = _merged(scan, source.owners(more, monotonic() + budget))
+        owners, options = scan.found, inspected.options
+        for sock in (*self.kept, *inspected.extra):
+            self.judged.add(sock, owners.get(sock.inode), options.get(sock.inode))
+        return _Attributed(scan, wanted, inspected)
+
+    def describe(self, attributed: _Attributed, netns: str) -> list[Finding]:
+        """The findings of the sockets kept among the worst, rendered."""
+        owners, options = attributed.scan.found, attributed.inspected.options
+        findings: list[Finding] = []
+        for sock in self.judged.socks():
+            inode = sock.inode
+            findings += socket_findings(
+                self.rules, sock, owners.get(inode), self.sysctls, netns, options.get(inode)
+            )
+        return findings
+
+
+def _rule_watcher(rules: RuleSet, matched: set[str]) -> Callable[[Sock], None] | None:
+    """A ``visit`` that notes which rules with a detection budget of their own match one of
+    the namespace's sockets (only those are checked for it): a rule lookup per socket until
+    each has matched. (Rules on process names can only be seen matching a flagged, attributed
+    socket.) None when no rule needs it."""
     pending = {r.name for r in rules.rules if "detection_budget" in r.overrides and not r.ignore}
-    matched: set[str] = set()
+    if not pending:
+        return None
 
     def note_rule(sock: Sock) -> None:
         if pending and sock.state == TcpState.ESTABLISHED:
@@ -223,61 +322,26 @@ def audit_namespace(
                 pending.discard(rule.name)
                 matched.add(rule.name)
 
-    visit: Callable[[Sock], None] | None = note_rule if pending else None
-    candidates: list[Sock] = []  # with an inspector: the sockets to read the options of
-    if inspector is not None:
-        visit = _collector(candidates, visit)
-    judged = _Judged(rules, sysctls, max_findings, matched)
-    # Judged while the dump streams, unless the verdict needs the owner (process rules) or
-    # the socket's options (inspection): then the flagged sockets wait for attribution.
-    direct = inspector is None and not rules.uses_processes
-    kept: list[Sock] = []
-    tally = Tally(limits, probe_cadence(sysctls.keepalive_time, sysctls.keepalive_intvl))
-    dump_started = monotonic()
-    tally.run(source.sockets(stats), judged.add if direct else kept.append, visit)
-    dump_seconds = monotonic() - dump_started
-    # The BPF socket pass reads options without owners: then only flagged sockets need one.
-    by_fd = inspector is not None and getattr(inspector, "needs_owners", True)
-    if not by_fd:
-        budget = max(ATTRIBUTION_MIN_SECONDS, ATTRIBUTION_FRACTION * dump_seconds)
-        wanted = [s.inode for s in (judged.socks() if direct else kept) if s.inode]
-    else:
-        budget = max(INSPECT_ATTRIBUTION_MIN_SECONDS, INSPECT_ATTRIBUTION_FRACTION * dump_seconds)
-        wanted = list({s.inode for s in (*kept, *candidates) if s.inode})
-    if attribution_cap is not None:
-        budget = max(budget, attribution_cap)
-    scan = source.owners(wanted, monotonic() + budget) if wanted else OwnerScan()
-    inspected = _Inspected() if inspector is None else _inspect(
-        inspector, candidates, kept, scan, tally
-    )  # fmt: skip
-    if inspected.extra and not by_fd:  # flagged only by their exact options: owners too
-        more = [s.inode for s in inspected.extra if s.inode]
-        wanted += more
-        scan = _merged(scan, source.owners(more, monotonic() + budget))
-    owners = scan.found
-    options = inspected.options
-    for sock in (*kept, *inspected.extra):
-        judged.add(sock, owners.get(sock.inode), options.get(sock.inode))
-    findings: list[Finding] = []
-    for sock in judged.socks():
-        inode = sock.inode
-        findings += socket_findings(
-            rules, sock, owners.get(inode), sysctls, netns, options.get(inode)
-        )
-    namespace_findings = [
-        *sysctl_findings(rules, sysctls, netns, host),
-        *budget_findings(rules, sysctls, netns, frozenset(matched), host),
-    ]
-    findings += namespace_findings
-    finding_counts = count_findings(namespace_findings, dict(judged.counts))
+    return note_rule
+
+
+def _report(
+    run: _Dumped,
+    attributed: _Attributed,
+    inode: int | None,
+    netns: str,
+    counters: Counters,
+    host: Sysctls | None,
+) -> NamespaceReport:
+    sysctls, tally, stats, scan = run.sysctls, run.tally, run.stats, attributed.scan
+    inspector, inspected = run.inspector, attributed.inspected
     differs = () if host is None else tuple(
         sorted(n for n, v in sysctls.values.items() if host.values.get(n, v) != v)
     )  # fmt: skip
-
     idle, in_flight = detection_times(sysctls)
-    report = NamespaceReport(
+    return NamespaceReport(
         netns=netns,
-        inode=source.netns_inode(),
+        inode=inode,
         sysctls=sysctls,
         counters=counters,
         detection_idle_seconds=idle,
@@ -289,22 +353,20 @@ def audit_namespace(
         dump_interrupted=stats.interrupted or stats.truncated,
         idle_histogram=dict(zip(Keepalive.ALL, tally.hist)),
         idle_sum={ka: ms / 1000 for ka, ms in zip(Keepalive.ALL, tally.idle_ms_sum)},
-        attribution_wanted=len(wanted),
-        attribution_found=len(owners),
+        attribution_wanted=len(attributed.wanted),
+        attribution_found=len(scan.found),
         attribution_complete=scan.complete,
         attribution_hidden=scan.hidden,
         attribution_failed=scan.error is not None,
         inspection=None if inspector is None else Inspection(
             inspected.wanted,
-            len(options),
+            len(inspected.options),
             inspected.error,
             getattr(inspector, "method", "pidfd"),
             getattr(inspector, "note", None),
         ),
         differs_from_host=differs,
-        finding_counts=finding_counts,
     )  # fmt: skip
-    return report, findings
 
 
 def _merged(a: OwnerScan, b: OwnerScan) -> OwnerScan:
