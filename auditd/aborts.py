@@ -98,13 +98,13 @@ class Correlator:
     Kernels before 6.10 name no RST reason: there the state change to CLOSE from an
     established state (``keepalive_rst_known`` False) is required instead.
 
-    Memory is bounded: at most ``max_tuples`` connections with retransmissions counted and
-    ``max_pending`` half-seen aborts (refused connects leave received RSTs behind), the
-    oldest forgotten first.
+    Memory is bounded: at most ``max_tuples`` connections with retransmissions counted (the
+    most recent: a retransmission flood elsewhere can push one out, then its abort needs an
+    audit to have seen it) and ``max_pending`` half-seen aborts, each kept for ``WINDOW_NS``.
     """
 
     def __init__(
-        self, keepalive_rst_known: bool = True, max_pending: int = 4096, max_tuples: int = 16384
+        self, keepalive_rst_known: bool = True, max_pending: int = 1024, max_tuples: int = 2048
     ) -> None:
         self.keepalive_rst_known = keepalive_rst_known
         self.max_pending, self.max_tuples = max_pending, max_tuples
@@ -114,10 +114,20 @@ class Correlator:
     def _entry(self, key: Key, time_ns: int) -> _Pending:
         entry = self._pending.get(key)
         if entry is None or time_ns - entry.time_ns > WINDOW_NS:
+            self._pending.pop(key, None)
             entry = self._pending[key] = _Pending(time_ns)
-            if len(self._pending) > self.max_pending:
-                self._pending.popitem(last=False)
+            self._expire(time_ns)
         return entry
+
+    def _expire(self, now_ns: int) -> None:
+        """Forget half-seen aborts past the window (oldest first: insertion order), and the
+        oldest beyond ``max_pending``: refused connects elsewhere leave RSTs behind."""
+        pending = self._pending
+        while pending:
+            oldest = next(iter(pending.values()))
+            if now_ns - oldest.time_ns <= WINDOW_NS and len(pending) <= self.max_pending:
+                break
+            pending.popitem(last=False)
 
     def feed(self, event: TraceEvent) -> KernelAbort | None:
         key = (event.local, event.remote)

@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             off.append(phase(netns, args.rate, args.seconds, False, False))
             on.append(phase(netns, args.rate, args.seconds, False, True))
         report = {
+            "netns": netns,
             "churn_without_reader": off,
             "churn_with_reader": on,
             "aborts": phase(netns, args.abort_rate, args.abort_seconds, True, True),

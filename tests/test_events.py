@@ -215,6 +215,8 @@ def test_correlator_memory_is_bounded() -> None:
         c.feed(ev(Kind.RECEIVE_RESET, local=f"10.0.0.1:{i}", cookie=i))
         c.feed(ev(Kind.RETRANSMIT, local=f"10.0.0.1:{i}"))
     assert len(c._pending) == 10 and len(c._retransmits) == 10
+    c.feed(ev(Kind.RECEIVE_RESET, 3_000_000_000, "10.0.0.9:1", cookie=1))
+    assert list(c._pending) == [("10.0.0.9:1", "10.0.0.2:2")]  # the stale ones expired
 
 
 def test_before_reset_reasons_the_state_change_proves_it() -> None:
