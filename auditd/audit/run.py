@@ -258,6 +258,10 @@ class _Dumped:
         if self.inspector is not None:
             visit = _collector(self.candidates, visit)
         keep = self.judged.add if self.direct else self.kept.append
+        if self.inspector is not None and not self.rules.uses_processes:
+            # Exact mode: a socket whose timer already proves keepalive off needs no options
+            # for its verdict: judged now, kept only while among the worst, as without it.
+            keep = _split(self.judged.add, self.kept.append)
         started = monotonic()
         self.tally.run(source.sockets(self.stats), keep, visit)
         self.seconds = monotonic() - started
@@ -272,13 +276,13 @@ class _Dumped:
         by_fd = inspector is not None and getattr(inspector, "needs_owners", True)
         if not by_fd:
             budget = max(ATTRIBUTION_MIN_SECONDS, ATTRIBUTION_FRACTION * self.seconds)
-            kept = self.judged.socks() if self.direct else self.kept
-            wanted = [s.inode for s in kept if s.inode]
+            wanted = list({s.inode for s in (*self.judged.socks(), *self.kept) if s.inode})
         else:
             budget = max(
                 INSPECT_ATTRIBUTION_MIN_SECONDS, INSPECT_ATTRIBUTION_FRACTION * self.seconds
             )
-            wanted = list({s.inode for s in (*self.kept, *self.candidates) if s.inode})
+            socks = (*self.judged.socks(), *self.kept, *self.candidates)
+            wanted = list({s.inode for s in socks if s.inode})
         if cap is not None:
             budget = max(budget, cap)
         scan = source.owners(wanted, monotonic() + budget) if wanted else OwnerScan()
@@ -292,6 +296,10 @@ class _Dumped:
         owners, options = scan.found, inspected.options
         for sock in (*self.kept, *inspected.extra):
             self.judged.add(sock, owners.get(sock.inode), options.get(sock.inode))
+        if inspector is not None and not by_fd:  # the BPF pass has the rest, for the findings
+            unread = [(s.inode, 0, -1) for s in self.judged.socks() if s.inode not in options]
+            if unread:
+                options.update(inspector.inspect([t for t in unread if t[0]]).options)
         return _Attributed(scan, wanted, inspected)
 
     def describe(self, attributed: _Attributed, netns: str) -> list[Finding]:
@@ -367,6 +375,19 @@ def _report(
         ),
         differs_from_host=differs,
     )  # fmt: skip
+
+
+def _split(judge: Callable[[Sock], None], keep: Callable[[Sock], None]) -> Callable[[Sock], None]:
+    """The pre-filter's sink in exact mode: ``keep`` what inspection may change, else
+    ``judge`` at once."""
+
+    def sink(sock: Sock) -> None:
+        if _may_need_options(sock):
+            keep(sock)
+        else:
+            judge(sock)
+
+    return sink
 
 
 def _merged(a: OwnerScan, b: OwnerScan) -> OwnerScan:
