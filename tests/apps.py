@@ -1,4 +1,4 @@
-"""Real applications for tests/test_apps.py, each started directly (no systemd) with its own
+"""Real applications for tests/kernel/test_apps.py, each started directly (no systemd) with its own
 config under a temp dir, inside a network namespace of its own, on loopback.
 
 An ``App`` starts its servers and opens idle connections with real clients; ``up(tuning)``

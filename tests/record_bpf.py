@@ -1,4 +1,4 @@
-"""Re-record what the BPF iterators wrote, for tests/test_bpf_records.py.
+"""Re-record what the BPF iterators wrote, for tests/replay/test_bpf_records.py.
 
     sudo python tests/record_bpf.py            # writes tests/data/bpf/zoo.*
     sudo python tests/record_bpf.py --out DIR  # somewhere else, to compare

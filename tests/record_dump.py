@@ -1,4 +1,4 @@
-"""Re-record the sock_diag dumps that tests/test_sockdiag_decode.py replays.
+"""Re-record the sock_diag dumps that tests/replay/test_sockdiag_decode.py replays.
 
     sudo python tests/record_dump.py            # writes tests/data/loopback.*
     sudo python tests/record_dump.py --out DIR  # somewhere else, to compare

@@ -27,7 +27,7 @@ class AppKnob:
     in ms) are the suggested keepalive, ``{hb}`` an application heartbeat interval well inside
     ``warn_at × idle_timeout``, ``{sysctls}`` the namespace sysctls with the same values, for
     knobs that only turn SO_KEEPALIVE on. Each text was checked against the application's own
-    documentation and, for the ones tests/test_apps.py runs, by applying it.
+    documentation and, for the ones tests/kernel/test_apps.py runs, by applying it.
     """
 
     app: str  # as people call it: "PostgreSQL", "libpq"

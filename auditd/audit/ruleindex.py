@@ -7,7 +7,7 @@ else a remote network, else a local network; rules with none of these are always
 A socket's candidates are the rules filed under its ports and under the networks holding
 its addresses, merged back into file order. A rule left out requires something the socket
 does not have, so it cannot match: the first candidate that matches is the rule the linear
-scan would pick (tests/test_ruleindex.py checks this against the linear scan).
+scan would pick (tests/unit/test_ruleindex.py checks this against the linear scan).
 Pure: no I/O.
 """
 

@@ -27,7 +27,7 @@ from auditd.kernel.events.tracefs import EventFormat, parse_format
 from auditd.model import Finding, Severity, SocketOptions
 from auditd.results import AuditResult
 
-DATA = Path(__file__).parent / "data" / "events"
+DATA = Path(__file__).parent.parent / "data" / "events"
 
 
 def formats() -> dict[Kind, EventFormat]:

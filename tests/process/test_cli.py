@@ -22,7 +22,7 @@ from auditd.kernel import Attribution, DumpStats, OwnerScan
 from auditd.model import Sock, TcpState
 from auditd.session import Namespaces, local_sources
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 GOOD = """\
 version: 1

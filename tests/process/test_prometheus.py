@@ -36,7 +36,7 @@ from agent import free_port
 
 from auditd import __version__
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "config" / "prometheus"
 ALERTS = PROM_DIR / "alerts.yml"
 ALERTS_TEST = PROM_DIR / "alerts_test.yml"

@@ -22,7 +22,7 @@ from auditd.cli import build_parser
 from auditd.config import parse_duration
 from auditd.http import parse_listen
 
-SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
+SYSTEMD_DIR = Path(__file__).resolve().parents[2] / "systemd"
 UNIT = SYSTEMD_DIR / "keepalive-auditd.service"
 ENV_FILE = SYSTEMD_DIR / "keepalive-auditd.env"
 INSTALLED_SCRIPT = "/usr/local/bin/keepalive-auditd"

@@ -31,7 +31,7 @@ import pytest
 import yaml
 from agent import free_port, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # The workloads' server ports: the containers' namespaces have every port free, but the rules
 # below see every namespace of the host, so the ports are drawn per run below the ephemeral
 # range, where no other test's sockets are likely to sit.

@@ -22,7 +22,7 @@ from auditd.exporter import ExporterState, make_registry
 from auditd.model import Counters, Finding, Severity, Sysctls
 from auditd.results import AuditResult, NamespaceReport, count_findings
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 HEADING = "## Metrics"
 
 

@@ -160,7 +160,7 @@ def test_json_findings_worst_first(doc: dict[str, Any]) -> None:
 
 
 def _readme_example() -> dict[str, Any]:
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     section = text.split("## JSON output", 1)[1]
     block = section.split("```json\n", 1)[1].split("```", 1)[0]
     data: dict[str, Any] = json.loads(block)

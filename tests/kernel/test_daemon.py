@@ -389,7 +389,7 @@ def test_bad_listen_address(rules_file: Path) -> None:
     assert "notaport" in proc.stderr
 
 
-# A listen address that is taken no longer stops the daemon: tests/test_faults.py.
+# A listen address that is taken no longer stops the daemon: tests/process/test_faults.py.
 
 
 # --- units ---------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from agent import Agents, agents_fixture
 
 from auditd.daemon import Daemon, DaemonOptions
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

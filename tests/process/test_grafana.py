@@ -6,7 +6,7 @@ check is checked here: the JSON against the schemas generated from the npm packa
 field config against its panel type's schema, every query parsed by ``promtool check rules``
 (as the expression of a recording rule, Grafana's variables replaced by sample values), and
 every metric a query reads exported by the agent and passed on by federate.yml. The queries
-themselves run against a real Prometheus in tests/test_alertmanager.py.
+themselves run against a real Prometheus in tests/kernel/test_alertmanager.py.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import yaml
 from test_metrics_doc import exposed
 from test_prometheus import PROMTOOL, _output, fleet_metrics, promtool
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GRAFANA = ROOT / "config" / "grafana"
 DASHBOARD = GRAFANA / "keepalive-auditd-fleet.json"
 SCHEMA = GRAFANA / "schema"

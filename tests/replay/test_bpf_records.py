@@ -22,7 +22,7 @@ from auditd.kernel.bpf.records import (
 )
 from auditd.model import SocketOptions, TcpState
 
-DATA = Path(__file__).parent / "data" / "bpf"
+DATA = Path(__file__).parent.parent / "data" / "bpf"
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 IMPORT_NAMES = {"prometheus-client": "prometheus_client", "pyyaml": "yaml", "bcrypt": "bcrypt"}
 ORACLES = ("psutil", "pyroute2")
 

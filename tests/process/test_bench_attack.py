@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ATTACK = Path(__file__).resolve().parent.parent / "bench" / "attack.py"
+ATTACK = Path(__file__).resolve().parents[2] / "bench" / "attack.py"
 
 
 def _run(*args: str) -> dict[str, object]:

@@ -24,7 +24,7 @@ import yaml
 
 from auditd.cli import build_parser
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "kubernetes"
 NPM_MODULES = ROOT / ".ci" / "npm" / "node_modules"
 VERSIONS = ("1.30.0", kubernetes_validate.utils.latest_version())

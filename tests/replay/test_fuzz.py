@@ -380,7 +380,7 @@ def test_cli_any_argv_gives_an_exit_code(no_daemon: None, argv: list[str]) -> No
 
 # --- abort events: perf ring bytes, raw tracepoint samples, format files ----------------------
 
-EVENT_DATA = Path(__file__).parent / "data" / "events"
+EVENT_DATA = Path(__file__).parent.parent / "data" / "events"
 
 
 @functools.cache

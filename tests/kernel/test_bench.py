@@ -13,8 +13,8 @@ import sys
 import netlab
 import pytest
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
-                     "bench.py")  # fmt: skip
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BENCH = os.path.join(REPO, "bench", "bench.py")
 
 pytestmark = pytest.mark.kernel
 

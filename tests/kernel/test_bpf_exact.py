@@ -36,8 +36,8 @@ from auditd.results import AuditResult
 from auditd.session import local_sources
 
 pytestmark = pytest.mark.kernel
-ROOT = Path(__file__).resolve().parent.parent
-DATA = Path(__file__).parent / "data" / "bpf"
+ROOT = Path(__file__).resolve().parents[2]
+DATA = Path(__file__).parent.parent / "data" / "bpf"
 # Flag every connection at once: no keepalive is idle too long after 10 ms, any keepalive
 # is too slow for a 100 ms middlebox.
 RULES = "version: 1\ndefaults:\n  idle_timeout: 100ms\n  warn_at: 0.1\n"

@@ -19,7 +19,7 @@ from auditd.kernel.bpf.records import SOCK_REC, OwnerRecord, OwnerTable
 
 pytestmark = pytest.mark.kernel
 BPF_DIR = Path(iterators.OBJECT_DIR)
-DATA = Path(__file__).parent / "data" / "bpf"
+DATA = Path(__file__).parent.parent / "data" / "bpf"
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from auditd.config import (
 from auditd.config import rules as config_rules
 from auditd.model import Severity, TcpState
 
-SHIPPED = Path(__file__).resolve().parent.parent / "config" / "rules.yaml"
+SHIPPED = Path(__file__).resolve().parents[2] / "config" / "rules.yaml"
 
 
 # --- durations -------------------------------------------------------------------------------
