@@ -9,7 +9,6 @@ runs that may come and go at any moment: assertions only ever look at this test'
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -17,16 +16,14 @@ import os
 import secrets
 import socket
 import subprocess
-import sys
 import time
-import urllib.request
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import netlab
 import pytest
-from agent import free_port
+from agent import Agents, Scrape, wait_for
 from helpers import DEFAULT_SYSCTLS, FakeKernel
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -517,23 +514,6 @@ def test_a_namespace_that_vanishes_during_the_audit_is_skipped(
 # --- the daemon ---------------------------------------------------------------------------------
 
 
-def wait_scrape(
-    proc: subprocess.Popen[bytes], url: str, want: Collection[tuple[str, tuple[Any, ...]]]
-) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Scrapes until every wanted series is there; fails after 20 s."""
-    deadline = time.monotonic() + 20
-    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"daemon exited with {proc.returncode}"
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=5) as response:
-                samples = parse_exposition(response.read().decode())
-            if all(key in samples for key in want):
-                return samples
-        time.sleep(0.2)
-    pytest.fail(f"series never showed up: {set(want) - set(samples)}")
-
-
 @pytest.mark.kernel
 def test_daemon_exports_each_namespace_by_name(lab: netlab.Lab, tmp_path: Path) -> None:
     ns = lab.netns()
@@ -541,28 +521,28 @@ def test_daemon_exports_each_namespace_by_name(lab: netlab.Lab, tmp_path: Path) 
     mine = 77 if host_value != 77 else 78  # not the host's: only then has it series of its own
     ns.set_sysctl(KEEPALIVE_TIME, mine)
     loopback_pair(ns)
-    port = free_port()
-    argv = [sys.executable, "-m", "auditd", "run", "--audit.netns", "all",
-            "--web.listen-address", f"127.0.0.1:{port}", "--audit.interval", "1s",
-            "--config.file", str(rules_yaml(tmp_path)), "--log.format", "json"]  # fmt: skip
-    with open(tmp_path / "daemon.log", "wb") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    agents = Agents(tmp_path, None)
     try:
-        sysctl = ("keepalive_sysctl_tcp_keepalive_time_seconds", (("netns", ns.name),))
-        differs = ("keepalive_sysctl_differs_from_host",
-                   (("netns", ns.name), ("sysctl", KEEPALIVE_TIME)))  # fmt: skip
-        samples = wait_scrape(proc, f"http://127.0.0.1:{port}/metrics", [sysctl, differs])
+        agent = agents.start("--audit.netns", "all", config=rules_yaml(tmp_path), host=True)
+
+        def exported() -> Scrape | None:
+            got = agent.try_scrape()
+            ours = got is not None and ns.name in got.label_values(
+                "keepalive_sysctl_differs_from_host", "netns"
+            )
+            return got if ours else None
+
+        scrape = wait_for("the namespace's series", exported, timeout=20)
+        assert scrape.value("keepalive_sysctl_tcp_keepalive_time_seconds", netns=ns.name) == mine
+        differs = scrape.value("keepalive_sysctl_differs_from_host", netns=ns.name,
+                               sysctl=KEEPALIVE_TIME)  # fmt: skip
+        assert differs == 1
         # Its two sockets are not news: socket counts are the host's only (README Metrics).
-        assert not [k for k in samples if k[0] == "keepalive_tcp_connections" and
-                    ("netns", ns.name) in k[1]]  # fmt: skip
-        assert samples[sysctl] == mine
-        assert samples[differs] == 1
-        assert samples[("keepalive_namespaces", ())] >= 2
-        assert (
-            "keepalive_tcp_connections",
-            (("keepalive", "off"), ("netns", "host"), ("state", "established")),
-        ) in samples
+        assert ns.name not in scrape.label_values("keepalive_tcp_connections", "netns")
+        assert scrape.value("keepalive_namespaces") >= 2
+        host_off = frozenset({("keepalive", "off"), ("netns", "host"), ("state", "established")})
+        assert host_off in scrape.samples["keepalive_tcp_connections"]
+        agent.assert_running()
     finally:
-        proc.kill()
-        proc.wait(timeout=5)
-    assert b"Traceback" not in (tmp_path / "daemon.log").read_bytes()
+        agents.close()
+    assert "Traceback" not in agent.log_text()
