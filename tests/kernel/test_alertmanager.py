@@ -36,9 +36,9 @@ import netlab
 import pytest
 import yaml
 from agent import Agents
-from test_grafana import queries as grafana_queries
-from test_prometheus import ALERTS, JOB, PROMETHEUS, PROMTOOL, _output, http_get, promtool, running
-from test_prometheus import wait_for as wait_until
+from promlab import ALERTS, JOB, PROMETHEUS, PROMTOOL, _output, http_get, promtool, running
+from promlab import queries as grafana_queries
+from promlab import wait_for as wait_until
 
 pytestmark = [
     pytest.mark.kernel,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import re
 import sys
 from functools import cache
@@ -23,15 +22,22 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from test_metrics_doc import exposed
-from test_prometheus import PROMTOOL, _output, fleet_metrics, promtool
+from exposition import exposed
+from promlab import (
+    DASHBOARD,
+    GRAFANA,
+    PROMTOOL,
+    _output,
+    fleet_metrics,
+    load,
+    panels,
+    promtool,
+    queries,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
-GRAFANA = ROOT / "config" / "grafana"
-DASHBOARD = GRAFANA / "keepalive-auditd-fleet.json"
 SCHEMA = GRAFANA / "schema"
 # Sample values for Grafana's variables, so that promtool can parse the queries.
-VARIABLES = {"$job": "keepalive-auditd", "$instance": ".+", "$__rate_interval": "1m"}
 PANEL_TYPES = {"stat", "timeseries", "table"}
 NOT_OURS = {"up", "ALERTS"}  # Prometheus's own series
 PROMQL_WORDS = {
@@ -50,34 +56,12 @@ def generator() -> Any:
     return module
 
 
-def load(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def validator(name: str) -> jsonschema.Draft7Validator:
     return jsonschema.Draft7Validator(load(SCHEMA / f"{name}.schema.json"))
 
 
 def errors(v: jsonschema.Draft7Validator, doc: Any) -> list[str]:
     return [f"{e.json_path}: {e.message[:200]}" for e in v.iter_errors(doc)]
-
-
-def panels(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    return [p for p in doc["panels"] if p["type"] != "row"]
-
-
-def queries(doc: dict[str, Any] | None = None) -> dict[str, list[str]]:
-    """Panel title -> its queries, with the variables replaced by sample values."""
-    out = {}
-    for panel in panels(doc if doc is not None else load(DASHBOARD)):
-        exprs = []
-        for target in panel["targets"]:
-            expr = target["expr"]
-            for name, value in VARIABLES.items():
-                expr = expr.replace(name, value)
-            exprs.append(expr)
-        out[panel["title"]] = exprs
-    return out
 
 
 def test_the_committed_json_is_what_the_generator_builds() -> None:
