@@ -167,6 +167,12 @@ class FakeKernel:
             yield sock
         stats.done += 2
 
+    def enter(self) -> None:
+        return None  # no kernel namespace behind a fake: BPF cannot read it
+
+    def describe(self) -> str:
+        return type(self).__name__
+
     def owners(self, inodes: Collection[int], deadline: float | None = None) -> OwnerScan:
         self.owner_queries.append(sorted(inodes))
         return OwnerScan({i: self.owner_map[i] for i in inodes if i in self.owner_map})

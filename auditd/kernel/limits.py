@@ -21,7 +21,7 @@ from collections.abc import Collection, Iterator, Sequence
 
 from auditd.kernel.owners.scan import OwnerScan
 from auditd.kernel.sockdiag import DumpStats
-from auditd.kernel.sources import KernelSource
+from auditd.kernel.sources import Enter, KernelSource
 from auditd.model import Counters, Sock, Stage, Sysctls
 
 # Bit numbers from include/uapi/linux/capability.h.
@@ -158,6 +158,12 @@ class ObservedSource:
             self.problems.add(
                 Stage.DUMP, f"netns {self.name}: sock_diag dump cut short; audited what came"
             )
+
+    def enter(self) -> Enter | None:
+        return self.inner.enter()
+
+    def describe(self) -> str:
+        return self.inner.describe()
 
     def owners(self, inodes: Collection[int], deadline: float | None = None) -> OwnerScan:
         scan = self.inner.owners(inodes, deadline)

@@ -18,6 +18,8 @@ from auditd.kernel.sockdiag import DumpStats
 from auditd.model import Counters, Sock, Sysctls
 
 T = TypeVar("T")
+# Runs a function inside one namespace and returns what it returns (an iterator's fd).
+Enter = Callable[[Callable[[], int]], int]
 
 
 class KernelSource(Protocol):
@@ -35,6 +37,15 @@ class KernelSource(Protocol):
 
     def owners(self, inodes: Collection[int], deadline: float | None = None) -> OwnerScan:
         """Owners of socket inodes; ``deadline`` is a time.monotonic() bound on the search."""
+        ...
+
+    def enter(self) -> Enter | None:
+        """How to run a function inside this namespace (a BPF iterator walks the namespace of
+        the thread that creates it), or None when no kernel namespace is behind the source."""
+        ...
+
+    def describe(self) -> str:
+        """What the source is, for a note (``FakeKernel``, ``NamespaceKernel``)."""
         ...
 
 
@@ -55,6 +66,12 @@ class LocalKernel:
     def inside(self, fn: Callable[[], T]) -> T:
         """``fn()`` in this source's namespace (here: the calling thread's)."""
         return fn()
+
+    def enter(self) -> Enter:
+        return self.inside
+
+    def describe(self) -> str:
+        return type(self).__name__
 
     def netns_inode(self) -> int | None:
         try:

@@ -19,14 +19,11 @@ from auditd.errors import AuditdError, BpfUnavailable
 from auditd.kernel.bpf.iterators import Iterators
 from auditd.kernel.bpf.records import OwnerTable, RecordError, SocketTable
 from auditd.kernel.inspect import Inspector, InspectScan, SocketInspector, Target
-from auditd.kernel.limits import ObservedSource
 from auditd.kernel.owners.scan import OwnerScan, process_info
-from auditd.kernel.sources import KernelSource, LocalKernel
+from auditd.kernel.sources import Enter, KernelSource
 from auditd.model import ProcessInfo, Sysctls
 
 BPF, PIDFD = "bpf", "pidfd"
-# Runs a function inside one namespace and returns what it returns (an iterator fd).
-Enter = Callable[[Callable[[], int]], int]
 T = TypeVar("T")
 
 
@@ -181,13 +178,12 @@ class ExactInspector:
         return self.bpf.note
 
     def for_namespace(self, source: KernelSource, sysctls: Sysctls) -> Inspector:
-        while isinstance(source, ObservedSource):
-            source = source.inner
-        if isinstance(source, LocalKernel):
-            if not self.bpf.loaded:
-                return _Fallback(self.fallback, self.bpf.note)
-            return TableInspector(self.bpf.socket_pass(source.inside, sysctls), self.fallback)
-        return _Fallback(self.fallback, f"BPF: cannot enter a {type(source).__name__}")
+        enter = source.enter()
+        if enter is None:  # no kernel namespace behind it (a fake, a recording)
+            return _Fallback(self.fallback, f"BPF: cannot enter a {source.describe()}")
+        if not self.bpf.loaded:
+            return _Fallback(self.fallback, self.bpf.note)
+        return TableInspector(self.bpf.socket_pass(enter, sysctls), self.fallback)
 
     def inspect(self, targets: Sequence[Target]) -> InspectScan:
         return self.fallback.inspect(targets)
