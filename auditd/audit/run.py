@@ -13,7 +13,6 @@ import heapq
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import cast
 
 from auditd.audit.inference import KEEPALIVE_STATES, keepalive_status, path_idle_ms, probe_cadence
 from auditd.audit.matching import DEFAULT_RULE, select_rule
@@ -23,7 +22,7 @@ from auditd.audit.tally import Tally, could_flag, loosest
 from auditd.audit.verdicts import idle_severity, judge, socket_findings
 from auditd.config import RuleSet
 from auditd.errors import KernelError, NamespaceGone
-from auditd.kernel.inspect import Inspector
+from auditd.kernel.inspect import Inspector, Inspectors
 from auditd.kernel.owners.scan import OwnerScan
 from auditd.kernel.sockdiag import DumpStats
 from auditd.kernel.sources import KernelSource
@@ -143,13 +142,6 @@ class _Inspected:
     extra: list[Sock] = field(default_factory=list)  # not kept by the pre-filter, now flagged
 
 
-def _for_namespace(inspector: Inspector, source: KernelSource, sysctls: Sysctls) -> Inspector:
-    """The inspector for one namespace (the BPF iterator reads one at a time); one without
-    ``for_namespace`` (pidfd_getfd) serves every namespace as it is."""
-    bind = getattr(inspector, "for_namespace", None)
-    return inspector if bind is None else cast(Inspector, bind(source, sysctls))
-
-
 def _inspect(
     inspector: Inspector,
     candidates: list[Sock],
@@ -161,7 +153,7 @@ def _inspect(
     the ones whose keepalive status changes in the tally, and finds the sockets that the
     exact options flag beyond the pre-filter."""
     socks = {s.inode: s for s in candidates}
-    if not getattr(inspector, "needs_owners", True):
+    if not inspector.needs_owners:
         # The BPF iterator read every socket: each flagged one gets its exact settings, also
         # those whose timer already proves keepalive off (their TCP_USER_TIMEOUT is news).
         socks.update((s.inode, s) for s in kept if s.inode)
@@ -189,7 +181,7 @@ def audit_namespace(
     source: KernelSource,
     netns: str = HOST_NETNS,
     monotonic: Callable[[], float] = time.monotonic,
-    inspector: Inspector | None = None,
+    inspector: Inspectors | None = None,
     host: Sysctls | None = None,
     max_findings: int = DEFAULT_MAX_FINDINGS,
     attribution_cap: float | None = None,
@@ -210,9 +202,8 @@ def audit_namespace(
     """
     sysctls = source.sysctls()
     counters = source.counters()
-    if inspector is not None:
-        inspector = _for_namespace(inspector, source, sysctls)
-    run = _Dumped(rules, sysctls, inspector, max_findings)
+    bound = None if inspector is None else inspector.for_namespace(source, sysctls)
+    run = _Dumped(rules, sysctls, bound, max_findings)
     run.dump(source, monotonic)
     attributed = run.attribute(source, monotonic, attribution_cap)
     findings = run.describe(attributed, netns)
@@ -273,7 +264,7 @@ class _Dumped:
         the verdicts that waited for them."""
         inspector = self.inspector
         # The BPF socket pass reads options without owners: then only flagged sockets need one.
-        by_fd = inspector is not None and getattr(inspector, "needs_owners", True)
+        by_fd = inspector is not None and inspector.needs_owners
         if not by_fd:
             budget = max(ATTRIBUTION_MIN_SECONDS, ATTRIBUTION_FRACTION * self.seconds)
             wanted = list({s.inode for s in (*self.judged.socks(), *self.kept) if s.inode})
@@ -370,8 +361,8 @@ def _report(
             inspected.wanted,
             len(inspected.options),
             inspected.error,
-            getattr(inspector, "method", "pidfd"),
-            getattr(inspector, "note", None),
+            inspector.method,
+            inspector.note,
         ),
         differs_from_host=differs,
     )  # fmt: skip
@@ -418,7 +409,7 @@ def _audit_retrying(
     rules: RuleSet,
     source: KernelSource,
     name: str,
-    inspector: Inspector | None = None,
+    inspector: Inspectors | None = None,
     host: Sysctls | None = None,
     max_findings: int = DEFAULT_MAX_FINDINGS,
     attribution_cap: float | None = None,
@@ -442,7 +433,7 @@ def audit(
     sources: list[tuple[str, KernelSource]],
     clock: Callable[[], float] = time.time,
     timer: Callable[[], float] = time.perf_counter,
-    inspector: Inspector | None = None,
+    inspector: Inspectors | None = None,
     max_findings: int = DEFAULT_MAX_FINDINGS,
     attribution_cap: float | None = None,
 ) -> AuditResult:

@@ -25,7 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from auditd.model import SocketOptions
+from auditd.kernel.sources import KernelSource
+from auditd.model import SocketOptions, Sysctls
 
 # pidfd_getfd's number. Since Linux 5.1 new syscalls share one number on every architecture
 # (424 + n; alpha adds 110, mips its ABI base), see arch/*/tbl and include/uapi/asm-generic/
@@ -63,15 +64,31 @@ class InspectScan:
 
 
 class Inspector(Protocol):
-    """Reads the keepalive options of sockets given their owner's pid and fd.
+    """Reads the keepalive options of one namespace's sockets."""
 
-    Optional members, read by the audit with defaults when absent: ``for_namespace(source,
-    sysctls)`` gives the inspector for one namespace's sockets (the BPF iterator reads one
-    namespace at a time); ``method`` ("pidfd" or "bpf"); ``needs_owners`` (False: targets
-    need no pid and fd); ``note`` (why a better method was not used).
-    """
+    @property
+    def method(self) -> str:
+        """How: "pidfd" (pidfd_getfd and getsockopt) or "bpf" (the socket iterator)."""
+        ...
+
+    @property
+    def needs_owners(self) -> bool:
+        """True when targets need their owner's pid and fd (False: the inode is enough)."""
+        ...
+
+    @property
+    def note(self) -> str | None:
+        """Why a better method was not used (BPF could not load), else None."""
+        ...
 
     def inspect(self, targets: Sequence[Target]) -> InspectScan: ...
+
+
+class Inspectors(Protocol):
+    """What exact mode hands the audit: the inspector of each namespace (the BPF iterator
+    reads one namespace at a time; pidfd_getfd serves every one as it is)."""
+
+    def for_namespace(self, source: KernelSource, sysctls: Sysctls) -> Inspector: ...
 
 
 def read_options(sock: socket.socket) -> SocketOptions:
@@ -130,7 +147,7 @@ class SocketInspector:
 
     method = "pidfd"
     needs_owners = True
-    note: str | None = None
+    note: str | None = None  # nothing better was tried
 
     def __init__(
         self,
@@ -153,6 +170,10 @@ class SocketInspector:
                 self._getfd = syscall_getfd(number)
         if self._pidfd_open is None:
             self.unavailable = "socket inspection unavailable: os.pidfd_open missing (Linux 5.3+)"
+
+    def for_namespace(self, source: KernelSource, sysctls: Sysctls) -> SocketInspector:
+        """Any namespace's sockets: the owner's fd is what it reads through."""
+        return self
 
     def inspect(self, targets: Sequence[Target]) -> InspectScan:
         if self.unavailable is not None or not targets:

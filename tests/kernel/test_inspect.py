@@ -308,6 +308,11 @@ def test_nothing_to_inspect_costs_nothing() -> None:
 class FakeInspector:
     """Options by inode; records what it was asked."""
 
+    method, needs_owners, note = "pidfd", True, None
+
+    def for_namespace(self, source: object, sysctls: object) -> FakeInspector:
+        return self
+
     def __init__(self, options: dict[int, SocketOptions], error: str | None = None) -> None:
         self.options = options
         self.error = error

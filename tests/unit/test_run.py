@@ -236,6 +236,11 @@ def test_fast_pass_keeps_what_a_tighter_conntrack_flags(socks: list, t: Threshol
 
 
 class _Inspector:
+    method, needs_owners, note = "pidfd", True, None
+
+    def for_namespace(self, source: object, sysctls: object) -> _Inspector:
+        return self
+
     def __init__(self, options: dict[int, SocketOptions]) -> None:
         self.options = options
 

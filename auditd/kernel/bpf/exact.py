@@ -156,9 +156,6 @@ class _Fallback:
     def __init__(self, inner: SocketInspector, note: str | None) -> None:
         self.inner, self.note, self.method = inner, note, inner.method
 
-    def for_namespace(self, source: KernelSource, sysctls: Sysctls) -> Inspector:
-        return self
-
     def inspect(self, targets: Sequence[Target]) -> InspectScan:
         return self.inner.inspect(targets)
 
@@ -167,15 +164,8 @@ class ExactInspector:
     """``--inspect-sockets``: each namespace's socket iterator when BPF loads, else
     ``pidfd_getfd`` (``fallback``) with BPF's reason as the namespace's ``note``."""
 
-    needs_owners = True
-
     def __init__(self, bpf: BpfAudit, fallback: SocketInspector) -> None:
         self.bpf, self.fallback = bpf, fallback
-        self.method = BPF if bpf.loaded else fallback.method
-
-    @property
-    def note(self) -> str | None:
-        return self.bpf.note
 
     def for_namespace(self, source: KernelSource, sysctls: Sysctls) -> Inspector:
         enter = source.enter()
@@ -184,6 +174,3 @@ class ExactInspector:
         if not self.bpf.loaded:
             return _Fallback(self.fallback, self.bpf.note)
         return TableInspector(self.bpf.socket_pass(enter, sysctls), self.fallback)
-
-    def inspect(self, targets: Sequence[Target]) -> InspectScan:
-        return self.fallback.inspect(targets)
