@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from auditd import __version__
 from auditd.exporter import ExporterState
 from auditd.model import Finding, Keepalive, Severity
-from auditd.report import rfc3339
+from auditd.report import owner_text, rfc3339
 from auditd.results import AuditResult, NamespaceReport
 
 STYLE = (
@@ -52,23 +52,6 @@ def _head(*names: str) -> str:
     return "<tr>" + "".join(f"<th>{_e(n)}</th>" for n in names) + "</tr>"
 
 
-def owner_text(f: Finding) -> str:
-    """``pid 4102 redis-server, user redis, started <time>, unit redis.service, container
-    0123456789ab: <cmdline>``."""
-    if f.pid is None:
-        return "-"
-    text = f"pid {f.pid} {f.process or '?'}"
-    if f.uid is not None:
-        text += f", user {f.user or f'uid {f.uid}'}"
-    if f.started_at is not None:
-        text += f", started {rfc3339(f.started_at)}"
-    if f.unit:
-        text += f", unit {f.unit}"
-    if f.container:
-        text += f", container {f.container}"
-    return f"{text}: {f.cmdline}" if f.cmdline else text
-
-
 def _what(f: Finding) -> str:
     if f.sysctl is not None:
         value = "-" if f.value is None else f"{f.value:g}"
@@ -83,7 +66,7 @@ def _finding(f: Finding) -> str:
         f"<td>{_e(_what(f))}</td><td>{_e(_secs(f.idle_seconds))}</td>"
         f"<td>{_e(f.keepalive)}</td><td>{_e(_secs(f.abort_in_seconds))}</td>"
         f"<td><b>why:</b> {_e(f.message)}<br><b>fix:</b> {_e(f.hint)}</td>"
-        f"<td><code>{_e(owner_text(f))}</code></td></tr>"
+        f"<td><code>{_e(owner_text(f, started=True))}</code></td></tr>"
     )
 
 

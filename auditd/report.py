@@ -164,12 +164,18 @@ def _row(f: Finding) -> tuple[str, ...]:
     )  # fmt: skip
 
 
-def _owner(f: Finding) -> str:
+def owner_text(f: Finding, started: bool = False) -> str:
     """``pid 4102 redis-server, user redis, unit redis.service, container 0123456789ab:
-    <cmdline>`` (``user uid 999`` when the uid has no name in the process's /etc/passwd)."""
-    text = f"pid {f.pid} {f.process}"
+    <cmdline>`` (``user uid 999`` when the uid has no name in the process's /etc/passwd;
+    ``started``: the process's start time after the user, as the findings page shows it);
+    ``-`` for a finding without an owner."""
+    if f.pid is None:
+        return "-"
+    text = f"pid {f.pid} {f.process or '?'}"
     if f.uid is not None:
         text += f", user {f.user or f'uid {f.uid}'}"
+    if started and f.started_at is not None:
+        text += f", started {rfc3339(f.started_at)}"
     if f.unit:
         text += f", unit {f.unit}"
     if f.container:
@@ -224,7 +230,7 @@ def to_table(result: AuditResult) -> str:
             lines.append(f"    why: {f.message}{_settings(f)}")
             lines.append(f"    fix: {f.hint}")
             if f.pid is not None:
-                lines.append(f"    who: {_owner(f)}")
+                lines.append(f"    who: {owner_text(f)}")
         del i
     by_sev = result.severity_counts()
     lines.append("")
