@@ -164,6 +164,15 @@ class Agent:
         if self.proc.poll() is not None:
             raise AssertionError(f"agent exited with {self.proc.returncode}:\n{self.log_text()}")
 
+    # What promlab.wait_for asks of the processes it watches (Prometheus, Alertmanager).
+    name = "agent"
+
+    def check_alive(self) -> None:
+        self.assert_running()
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -241,6 +250,12 @@ class Agents:
             timeout = startup_timeout if startup_timeout is not None else self.startup_timeout
             agent.wait_audit(0.0, timeout, **(scrape_kwargs or {}))
         return agent
+
+    def __enter__(self) -> Agents:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         for agent in self.running:

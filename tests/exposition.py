@@ -14,7 +14,7 @@ from auditd.audit.tally import IDLE_BUCKETS
 from auditd.config import Match, Rule, RuleSet
 from auditd.events import AbortState
 from auditd.exporter import ExporterState, make_registry
-from auditd.model import Counters, Finding, Severity, Sysctls
+from auditd.model import Counters, Finding, FindingKind, Severity, Sysctls
 from auditd.results import AuditResult, NamespaceReport, count_findings
 
 
@@ -30,8 +30,8 @@ def full_state() -> ExporterState:
     buckets = [0] * (len(IDLE_BUCKETS) + 1)
     buckets[1] = 1
     found = Finding(
-        "idle_no_keepalive", Severity.CRITICAL, "postgres", "host", "idle", "set keepalive",
-        local="10.0.0.1:40000", remote="10.0.0.2:5432",
+        FindingKind.IDLE_NO_KEEPALIVE, Severity.CRITICAL, "postgres", "host", "idle",
+        "set keepalive", local="10.0.0.1:40000", remote="10.0.0.2:5432",
     )  # fmt: skip
     ns = NamespaceReport(
         netns="host",
@@ -65,9 +65,7 @@ def exposed() -> dict[str, Row]:
     """Metric name (as in the table) -> type and labels, from a rendered exposition."""
     state = full_state()
     registry = make_registry(lambda: state)
-    aborts = AbortState(
-        {("host", "peer_reset", "postgres", "true"): 1}, 0, ("host",), ("postgres",)
-    )
+    aborts = AbortState({("host", "peer_reset", "postgres", "true"): 1}, 0, ("host",))
     registry.register(AbortCollector(lambda: aborts))  # the agent adds it (auditd.daemon)
     text = generate_latest(registry).decode()
     out: dict[str, Row] = {}

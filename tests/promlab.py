@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pytest
 import yaml
@@ -124,11 +124,21 @@ def http_get(url: str, timeout: float = 2.0) -> bytes:
         return body
 
 
+class Watched(Protocol):
+    """A process ``wait_for`` watches: a ``Process`` here, an agent of tests/agent.py."""
+
+    name: str
+
+    def check_alive(self) -> None: ...
+
+    def tail(self, lines: int = 40) -> str: ...
+
+
 def wait_for(
     what: str,
     probe: Callable[[], T | None],
     deadline: float,
-    procs: tuple[Process, ...] = (),
+    procs: tuple[Watched, ...] = (),
 ) -> T:
     """Calls ``probe`` until it returns something other than None, or fails at ``deadline``
     (a ``time.monotonic()`` value). HTTP errors count as "not yet"; a dead process fails now."""

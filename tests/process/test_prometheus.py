@@ -18,7 +18,6 @@ import contextlib
 import json
 import re
 import socket
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -29,7 +28,8 @@ from typing import Any
 
 import pytest
 import yaml
-from agent import free_port
+from agent import Agent, Agents, free_port
+from agent import wait_for as agent_wait_for
 from promlab import (
     ALERTS,
     ALERTS_TEST,
@@ -38,7 +38,6 @@ from promlab import (
     JOB,
     PROMETHEUS,
     REMOTE_WRITE,
-    Process,
     _output,
     fleet_metrics,
     http_get,
@@ -65,23 +64,15 @@ def write_rules(path: Path, extra: str = "") -> None:
     path.write_text(f"version: 1\ndefaults: {{idle_timeout: 2s, warn_at: 0.5}}\n{extra}")
 
 
-def agent_argv(port: int, rules: Path) -> list[str]:
-    return [
-        sys.executable, "-m", "auditd", "run",
-        "--web.listen-address", f"127.0.0.1:{port}",
-        "--audit.interval", "1s",
-        "--config.file", str(rules),
-    ]  # fmt: skip
-
-
-def exposition_when(what: str, pattern: str, port: int, deadline: float, agent: Process) -> str:
+def exposition_when(what: str, pattern: str, agent: Agent, timeout: float) -> str:
     """The agent's /metrics as soon as a line matches ``pattern``."""
 
     def probe() -> str | None:
-        body = http_get(f"http://127.0.0.1:{port}/metrics").decode()
-        return body if re.search(pattern, body, re.M) else None
+        scrape = agent.try_scrape()
+        return scrape.text if scrape is not None and re.search(pattern, scrape.text, re.M) else None
 
-    return wait_for(what, probe, deadline, (agent,))
+    body: str = agent_wait_for(what, probe, timeout)
+    return body
 
 
 @contextlib.contextmanager
@@ -194,13 +185,13 @@ def test_exposition_passes_promtool_check_metrics() -> None:
     with temp_dir() as tmp, idle_connection():
         rules = tmp / "rules.yaml"
         write_rules(rules)
-        port = free_port()
-        with running("agent", agent_argv(port, rules), tmp) as agent:
+        with Agents(tmp, None) as agents:
+            agent = agents.start(config=rules, host=True)
             # Lint an exposition with a finding in it, not only the zeros of the first audit.
             body = exposition_when(
                 "a critical idle_no_keepalive finding",
                 r'^keepalive_findings\{kind="idle_no_keepalive",.*severity="critical"\} [1-9]',
-                port, deadline, agent,
+                agent, deadline - time.monotonic(),
             )  # fmt: skip
     assert re.search(r"^keepalive_audit_last_success_timestamp_seconds \S+$", body, re.M)
     assert "keepalive_connection_idle_seconds_bucket{" in body
@@ -269,10 +260,8 @@ def test_real_prometheus_scrapes_agent_and_fires_alert() -> None:
             f"--storage.tsdb.path={tmp / 'data'}",
             f"--web.listen-address=127.0.0.1:{prom_port}",
         ]
-        with (
-            running("agent", agent_argv(agent_port, rules), tmp) as agent,
-            running("prometheus", prom_argv, tmp) as prom,
-        ):
+        with Agents(tmp, None) as agents, running("prometheus", prom_argv, tmp) as prom:
+            agent = agents.start(config=rules, port=agent_port, host=True)
             procs = (agent, prom)
             api = PromAPI(prom_port)
             wait_for("Prometheus to be ready", api.ready, deadline, procs)
