@@ -18,7 +18,7 @@ from auditd.audit.inference import KEEPALIVE_STATES, keepalive_status, path_idle
 from auditd.audit.matching import DEFAULT_RULE, select_rule
 from auditd.audit.namespace import budget_findings, detection_times, sysctl_findings
 from auditd.audit.paths import middlebox_cap
-from auditd.audit.tally import Tally, could_flag, loosest
+from auditd.audit.tally import Tally, by_port, could_flag, loosest
 from auditd.audit.verdicts import idle_severity, judge, socket_findings
 from auditd.config import RuleSet
 from auditd.errors import KernelError, NamespaceGone
@@ -240,8 +240,9 @@ class _Dumped:
         self.direct = inspector is None and not rules.uses_processes
         self.kept: list[Sock] = []
         self.candidates: list[Sock] = []  # with an inspector: the sockets to read options of
-        limits = loosest(rules, middlebox_cap(sysctls))
-        self.tally = Tally(limits, probe_cadence(sysctls.keepalive_time, sysctls.keepalive_intvl))
+        cap = middlebox_cap(sysctls)
+        silence = probe_cadence(sysctls.keepalive_time, sysctls.keepalive_intvl)
+        self.tally = Tally(loosest(rules, cap), silence, by_port(rules, cap))
         self.seconds = 0.0
 
     def dump(self, source: KernelSource, monotonic: Callable[[], float]) -> None:

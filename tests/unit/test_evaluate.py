@@ -12,11 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from auditd.audit import hints
-from auditd.audit.inference import retransmit_abort_in, zero_window_abort_in
+from auditd.audit.inference import probe_cadence, retransmit_abort_in, zero_window_abort_in
 from auditd.audit.matching import matches, select_rule
 from auditd.audit.namespace import budget_findings, detection_times, sysctl_findings
 from auditd.audit.paths import middlebox_cap
-from auditd.audit.tally import could_flag, loosest
+from auditd.audit.tally import Tally, by_port, could_flag, loosest
 from auditd.audit.verdicts import socket_findings
 from auditd.config import Match, RuleSet, SysctlBound, Thresholds
 from auditd.model import (
@@ -613,6 +613,53 @@ def test_could_flag_never_drops_a_flagged_socket(
     flagged = socket_findings(rules, sock, process, sysctls(), NS)
     if flagged:
         assert could_flag(sock, loosest(rules)), flagged
+
+
+def _kept_by_port(sock: Sock, rules: RuleSet, s: Sysctls) -> bool:
+    """The audit's pass over one socket: ``loosest`` split by the ports rules require."""
+    cap = middlebox_cap(s)
+    tally = Tally(loosest(rules, cap), probe_cadence(s.keepalive_time, s.keepalive_intvl),
+                  by_port(rules, cap))  # fmt: skip
+    kept: list[Sock] = []
+    tally.run((sock,), kept.append, None)
+    return bool(kept)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case_st())
+def test_the_pass_by_port_never_drops_a_flagged_socket(
+    case: tuple[RuleSet, Sock, ProcessInfo | None],
+) -> None:
+    rules, sock, process = case
+    flagged = socket_findings(rules, sock, process, sysctls(), NS)
+    kept = _kept_by_port(sock, rules, sysctls())
+    if flagged:
+        assert kept, flagged
+    if kept:  # and it keeps no socket the loosest thresholds alone would drop
+        assert could_flag(sock, loosest(rules))
+
+
+def test_a_tight_rule_for_one_port_keeps_only_its_sockets() -> None:
+    # The bench's rule: 0.2 s for remote port 5001; the defaults an hour. An idle socket to
+    # another port is not a candidate (it was, with every socket of the host, before by_port).
+    rules = ruleset(rule("flagged", match=Match(remote_ports=frozenset({5001})),
+                         idle_timeout=0.2), defaults=Thresholds(idle_timeout=3600))  # fmt: skip
+    s = sysctls()
+    for timer in (0, 2):
+        ka = {"timer": timer, "expires_ms": 7_100_000 if timer else 0}
+        assert _kept_by_port(make_sock(dport=5001, idle_s=10, **ka), rules, s)
+        assert not _kept_by_port(make_sock(dport=5000, idle_s=10, **ka), rules, s)
+        assert not _kept_by_port(make_sock(sport=5001, idle_s=10, **ka), rules, s)
+        assert could_flag(make_sock(dport=5000, idle_s=10, **ka), loosest(rules))
+    close_wait = make_sock(state=TcpState.CLOSE_WAIT, idle_s=10, dport=5001)
+    local = ruleset(rule("srv", match=Match(local_ports=frozenset({22})), close_wait_after=5))
+    assert _kept_by_port(replace_port(close_wait, sport=22), local, s)
+    assert not _kept_by_port(close_wait, local, s)
+    assert socket_findings(local, replace_port(close_wait, sport=22), None, s, NS)
+
+
+def replace_port(sock: Sock, sport: int) -> Sock:
+    return sock._replace(sport_raw=make_sock(sport=sport).sport_raw)
 
 
 # --- the socket's own options (socket inspection) ----------------------------------------------
