@@ -10,15 +10,15 @@ offending node, and ``parse_document`` turns that into the one-line ``ConfigErro
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import yaml
-from yaml.composer import Composer
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
-from yaml.resolver import Resolver
 
+from auditd.config.compose import NotTaken, TooDeep, compose_tree, gc_paused
 from auditd.config.durations import DURATION_HINT, parse_duration
 from auditd.config.errors import ConfigError, one_line, show, truncate
 
@@ -28,11 +28,12 @@ Entries = dict[str, tuple[Node, Node]]
 
 NULL_TAG = "tag:yaml.org,2002:null"
 STR_TAG = "tag:yaml.org,2002:str"
+INT_TAG = "tag:yaml.org,2002:int"
 _CONSTRUCTOR = SafeConstructor()
 _CONVERTERS = {
     NULL_TAG: _CONSTRUCTOR.construct_yaml_null,
     "tag:yaml.org,2002:bool": _CONSTRUCTOR.construct_yaml_bool,
-    "tag:yaml.org,2002:int": _CONSTRUCTOR.construct_yaml_int,
+    INT_TAG: _CONSTRUCTOR.construct_yaml_int,
     "tag:yaml.org,2002:float": _CONSTRUCTOR.construct_yaml_float,
 }
 
@@ -52,6 +53,13 @@ def parse_document(text: str, source: str, build: Callable[[Node], T], empty: T)
 
     Nothing but ConfigError escapes: ``Invalid`` becomes ``source:line: path: what``.
     """
+    # The collector paused (see compose.gc_paused) until the tree is freed, with the
+    # return of _parse: enabled while the tree lives, its next run would walk all of it.
+    with gc_paused():
+        return _parse(text, source, build, empty)
+
+
+def _parse(text: str, source: str, build: Callable[[Node], T], empty: T) -> T:
     root = compose_yaml(text, source)
     if root is None or is_null(root):
         return empty  # an empty file (or only comments)
@@ -61,41 +69,20 @@ def parse_document(text: str, source: str, build: Callable[[Node], T], empty: T)
         raise ConfigError(one_line(f"{source}:{exc.line}: {exc.path}: {exc.what}")) from None
 
 
-def _fast_loader() -> type | None:
-    """libyaml's parser (C) feeding PyYAML's composer (Python), or None without libyaml.
-
-    A 1 MiB rules file took 7.6 s with the pure-Python loader and 1.1 s this way (issue 16).
-    Not ``yaml.CSafeLoader``: its composer is C code that recurses once per nesting level
-    without a limit, and 100,000 ``[`` crash the process (SIGSEGV); the Python composer
-    stops at the recursion limit.
-    """
-    parser: Any = getattr(getattr(yaml, "_yaml", None), "CParser", None)
-    if parser is None:
-        return None
-
-    class FastLoader(Composer, parser, Resolver):  # type: ignore[misc]
-        def __init__(self, stream: str) -> None:
-            parser.__init__(self, stream)
-            Composer.__init__(self)
-            Resolver.__init__(self)
-
-    return FastLoader
-
-
-_FAST_LOADER = _fast_loader()
-
-
 def compose_yaml(text: str, source: str) -> Node | None:
     """The node tree of a YAML document; ConfigError if it is not YAML.
 
-    The fast loader first; for anything it refuses, the pure-Python one, whose errors (with
-    their lines) are the ones this project reports."""
-    if _FAST_LOADER is not None:
-        try:
-            node: Node | None = yaml.compose(text, Loader=_FAST_LOADER)
-            return node
-        except (yaml.YAMLError, RecursionError, UnicodeError, ValueError, TypeError):
-            pass  # RecursionError and the others come again below, as they always did
+    ``compose_tree`` (libyaml's parser) first; for anything it does not take, PyYAML's
+    pure-Python loader, whose errors (with their lines) are the ones this project reports.
+    """
+    try:
+        return compose_tree(text)
+    except TooDeep as exc:
+        raise ConfigError(
+            f"{one_line(source)}:{exc.line}: invalid YAML: nested too deeply"
+        ) from None
+    except NotTaken:
+        pass
     try:
         return yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
@@ -113,7 +100,7 @@ def compose_yaml(text: str, source: str) -> Node | None:
         raise ConfigError(one_line(f"{source}:{line}: invalid YAML: {problem}")) from None
     except yaml.YAMLError as exc:  # no other kind is known to come from compose; to be safe
         raise ConfigError(one_line(f"{source}:1: invalid YAML: {exc}")) from None
-    except RecursionError:  # the composer recurses once per nesting level
+    except RecursionError:  # the pure composer recurses once per nesting level
         raise ConfigError(f"{one_line(source)}:1: invalid YAML: nested too deeply") from None
 
 
@@ -140,12 +127,12 @@ def mapping(
             what = f"expected a {noun} name, got {describe(key_node)} as a key"
             raise Invalid(key_node, where, what)
         key = str(key_node.value)
-        key_path = f"{path}.{key}" if path else key
-        if key in entries:
-            first = entries[key][0].start_mark
-            at = f" (first at line {first.line + 1})" if first is not None else ""
-            raise Invalid(key_node, key_path, f"duplicate key{at}")
-        if key not in allowed:
+        if key in entries or key not in allowed:
+            key_path = f"{path}.{key}" if path else key
+            if key in entries:
+                first = entries[key][0].start_mark
+                at = f" (first at line {first.line + 1})" if first is not None else ""
+                raise Invalid(key_node, key_path, f"duplicate key{at}")
             what = f"unknown {noun}, expected one of: " + ", ".join(allowed)
             raise Invalid(key_node, key_path, what)
         entries[key] = (key_node, value_node)
@@ -167,15 +154,27 @@ def scalar(node: Node, path: str, expected: str) -> object:
     if isinstance(node, ScalarNode):
         if node.tag == STR_TAG:
             return str(node.value)
-        converter = _CONVERTERS.get(node.tag)
-        if converter is not None:
+        if node.tag in _CONVERTERS:
             try:
-                return converter(node)
+                value = node.value
+                if node.tag == INT_TAG and value.isdigit() and value.isascii() and value[0] != "0":
+                    return int(value)  # plain decimal, as construct_yaml_int reads it; faster
+                return _converted(node.tag, value)
             except (ValueError, LookupError):  # an explicit tag on a bad value: !!int "x"
                 tag = node.tag.replace("tag:yaml.org,2002:", "!!")
                 what = f"expected {expected}, got {tag} {show(node.value)}"
                 raise Invalid(node, path, what) from None
     raise Invalid(node, path, f"expected {expected}, got {describe(node)}")
+
+
+# A large file repeats a few values (ports, "300s") thousands of times: each distinct one is
+# converted once. Pure functions of the text, so a cache cannot change a result.
+@functools.lru_cache(maxsize=4096)
+def _converted(tag: str, value: str) -> object:
+    return _CONVERTERS[tag](ScalarNode(tag, value))
+
+
+_seconds = functools.lru_cache(maxsize=4096, typed=True)(parse_duration)  # typed: 1 vs True
 
 
 def describe(node: Node) -> str:
@@ -217,7 +216,7 @@ def fraction(node: Node, path: str) -> float:
 def duration(node: Node, path: str, *, zero_ok: bool) -> float:
     """Seconds, from a number or a string like ``"350s"`` (see ``parse_duration``)."""
     try:
-        seconds = parse_duration(scalar(node, path, DURATION_HINT))
+        seconds = _seconds(scalar(node, path, DURATION_HINT))
     except ValueError as exc:
         raise Invalid(node, path, str(exc)) from None
     if seconds == 0 and not zero_ok:

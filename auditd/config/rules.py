@@ -127,6 +127,8 @@ def _sysctls(node: Node) -> tuple[SysctlBound, ...]:
 def _rules(node: Node, defaults: Thresholds) -> tuple[Rule, ...]:
     rules: list[Rule] = []
     first_use: dict[str, str] = {}  # rule name -> key path of the rule that has it
+    # Rules that set the same thresholds share one Thresholds (14,000 rules, a few distinct).
+    merged: dict[tuple[tuple[str, Any], ...], Thresholds] = {(): defaults}
     for index, item in enumerate(sequence(node, "rules", empty_ok=True)):
         path = f"rules[{index}]"
         entries = mapping(item, path, _RULE_KEYS, null_ok=False)
@@ -141,43 +143,66 @@ def _rules(node: Node, defaults: Thresholds) -> tuple[Rule, ...]:
             what = f"duplicate rule name {show(name)}, already used by {first_use[name]}"
             raise Invalid(name_node, f"{path}.name", what)
         first_use[name] = path
-        rules.append(_rule(name, entries, path, defaults))
+        rules.append(_rule(name, entries, path, merged))
     return tuple(rules)
 
 
-def _rule(name: str, entries: Entries, path: str, base: Thresholds) -> Rule:
-    match = _match(entries["match"][1], f"{path}.match") if "match" in entries else Match()
+def _rule(
+    name: str, entries: Entries, path: str, merged: dict[tuple[tuple[str, Any], ...], Thresholds]
+) -> Rule:
+    match = _match(entries["match"][1], f"{path}.match") if "match" in entries else _ANY
     severity = None
     if "severity" in entries:
         severity = _severity(entries["severity"][1], f"{path}.severity")
     ignore = boolean(entries["ignore"][1], f"{path}.ignore") if "ignore" in entries else False
     overrides = _thresholds(entries, path)
+    key = tuple(overrides.items())
+    thresholds = merged.get(key)
+    if thresholds is None:
+        thresholds = merged[key] = dataclasses.replace(merged[()], **overrides)
     return Rule(
         name=name,
         match=match,
-        thresholds=dataclasses.replace(base, **overrides),
+        thresholds=thresholds,
         severity=severity,
         ignore=ignore,
         overrides=frozenset(overrides),
     )
 
 
+_ANY = Match()
+_NO_PORTS: frozenset[int] = frozenset()
+
+
 def _match(node: Node, path: str) -> Match:
     entries = mapping(node, path, _MATCH_KEYS)
+    if not entries:
+        return _ANY
 
     def items(key: str) -> list[tuple[Node, str]]:
-        if key not in entries:
-            return []
         nodes = sequence(entries[key][1], f"{path}.{key}", empty_ok=False)
         return [(item, f"{path}.{key}[{i}]") for i, item in enumerate(nodes)]
 
+    def ports(key: str) -> frozenset[int]:
+        if key not in entries:
+            return _NO_PORTS
+        return frozenset(integer(n, p, 0, 65535) for n, p in items(key))
+
     return Match(
-        local_ports=frozenset(integer(n, p, 0, 65535) for n, p in items("local_ports")),
-        remote_ports=frozenset(integer(n, p, 0, 65535) for n, p in items("remote_ports")),
-        local_cidrs=tuple(_cidr(n, p) for n, p in items("local_cidrs")),
-        remote_cidrs=tuple(_cidr(n, p) for n, p in items("remote_cidrs")),
-        processes=tuple(string(n, p, "a process name glob") for n, p in items("processes")),
-        states=frozenset(_state(n, p) for n, p in items("states")),
+        local_ports=ports("local_ports"),
+        remote_ports=ports("remote_ports"),
+        local_cidrs=tuple(_cidr(n, p) for n, p in items("local_cidrs"))
+        if "local_cidrs" in entries
+        else (),
+        remote_cidrs=tuple(_cidr(n, p) for n, p in items("remote_cidrs"))
+        if "remote_cidrs" in entries
+        else (),
+        processes=tuple(string(n, p, "a process name glob") for n, p in items("processes"))
+        if "processes" in entries
+        else (),
+        states=frozenset(_state(n, p) for n, p in items("states"))
+        if "states" in entries
+        else frozenset(),
     )
 
 

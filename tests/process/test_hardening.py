@@ -362,13 +362,18 @@ def test_hidden_processes_from_the_proc_mount(
 # --- 3. a large rules file -----------------------------------------------------------------
 
 
-def _tree(node: Any) -> Any:
-    mark = (node.start_mark.line, node.start_mark.column)
+def _tree(node: Any, seen: dict[int, int] | None = None) -> Any:
+    """A node tree as plain data; a node met again (an alias) as its first number."""
+    seen = {} if seen is None else seen
+    if id(node) in seen:
+        return ("alias", seen[id(node)])
+    seen[id(node)] = len(seen)
+    mark = (node.start_mark.line, node.start_mark.column, node.end_mark.line, node.end_mark.column)
     if isinstance(node.value, list):
-        items = [tuple(_tree(n) for n in v) if isinstance(v, tuple) else _tree(v)
+        items = [tuple(_tree(n, seen) for n in v) if isinstance(v, tuple) else _tree(v, seen)
                  for v in node.value]  # fmt: skip
-        return (type(node).__name__, node.tag, mark, items)
-    return (type(node).__name__, node.tag, mark, node.value)
+        return (type(node).__name__, node.tag, mark, node.flow_style, items)
+    return (type(node).__name__, node.tag, mark, node.style, node.value)
 
 
 @pytest.mark.parametrize(
@@ -382,18 +387,45 @@ def _tree(node: Any) -> Any:
             for i in range(1, 300)
         ),
         "a: &x [1, 2, {b: ~, c: !!str 3, d: 2001-01-01}]\nb: *x\n? [complex]\n: |\n  block\n",
+        "%YAML 1.1\n--- !!map\n? !!str a\n: ! 1\nb: !custom [yes, No, 0x1f, 1_000, 1:30, .inf]\n"
+        "c: &r [*r]\nd: {&k e: f, *k : g}\ne: >-\n  folded\n  text\nf: \"q\"\ng: ''\nh:\n...\n",
+        "- - - - [[[{a: [b]}]]]\n- &s x\n- *s\n- - *s\n",
+        "plain scalar",
+        "",
+        "# only a comment\n",
     ],
-    ids=["shipped", "many", "odd"],
+    ids=["shipped", "many", "odd", "tags", "nested", "scalar", "empty", "comment"],
 )
-def test_the_fast_loader_composes_what_the_pure_one_does(text: str) -> None:
+def test_compose_tree_composes_what_the_pure_loader_does(text: str) -> None:
     import yaml
 
-    from auditd.config import nodes
+    from auditd.config.compose import _CPARSER, compose_tree
 
-    assert nodes._FAST_LOADER is not None, "libyaml missing: the 1 MiB file takes 7 s"
-    fast = yaml.compose(text, Loader=nodes._FAST_LOADER)
+    assert _CPARSER is not None, "libyaml missing: the 1 MiB file takes 7 s"
+    fast = compose_tree(text)
     pure = yaml.compose(text, Loader=yaml.SafeLoader)
-    assert _tree(fast) == _tree(pure)
+    assert (fast is None) == (pure is None)
+    if pure is not None:
+        assert _tree(fast) == _tree(pure)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a: *x\n",
+        "a: &x 1\nb: &x 2\n",
+        "a: 1\n---\nb: 2\n",
+        "a: [\n",
+        "a: 1\n b: 2\n",
+        "a: \x00\n",
+        "a: b: c\n",
+    ],
+)
+def test_compose_tree_leaves_errors_to_the_pure_loader(text: str) -> None:
+    from auditd.config.compose import NotTaken, compose_tree
+
+    with pytest.raises(NotTaken):
+        compose_tree(text)
 
 
 def test_deep_nesting_is_an_error_not_a_crash(tmp_path: Path) -> None:

@@ -595,6 +595,42 @@ def test_nesting_too_deep_is_a_config_error() -> None:
         parse_rules("[" * 100_000, "d.yaml")
 
 
+def test_nesting_is_limited_and_the_error_names_its_line() -> None:
+    from auditd.config.compose import MAX_DEPTH
+
+    def nested(levels: int) -> str:  # the top mapping is one level
+        return "version: 1\nx:\n  " + "[" * (levels - 1) + "]" * (levels - 1) + "\n"
+
+    with pytest.raises(ConfigError, match=r"^d\.yaml:2: x: unknown key"):
+        parse_rules(nested(MAX_DEPTH), "d.yaml")
+    with pytest.raises(ConfigError, match=r"^d\.yaml:3: invalid YAML: nested too deeply$"):
+        parse_rules(nested(MAX_DEPTH + 1), "d.yaml")
+
+
+def test_the_collector_is_paused_while_parsing_and_then_as_it_was() -> None:
+    import gc
+
+    from auditd.config.compose import gc_paused
+
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+        with gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the outer pause still holds
+    assert gc.isenabled()
+    with pytest.raises(ConfigError):
+        parse_rules("version: 2\n", "v.yaml")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # disabled before: left disabled
+    finally:
+        gc.enable()
+
+
 @pytest.mark.parametrize(
     "text",
     [
