@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 import math
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from operator import itemgetter
 
@@ -278,6 +278,31 @@ class Tally:
         return {
             (state_label(i // 3), Keepalive.ALL[i % 3]): n for i, n in enumerate(self.counts) if n
         }
+
+    def absorb(
+        self,
+        counts: Sequence[int],
+        hist: Sequence[Sequence[int]],
+        idle_ms_sum: Sequence[int],
+        total: int,
+    ) -> None:
+        """Adds what a kernel pass counted (``auditd.kernel.bpf`` audit pass) as ``run``
+        would have counted the same sockets: ``counts`` by state * 3 + status index for the
+        first states, ``hist`` and ``idle_ms_sum`` per status, ``total`` sockets."""
+        for i, n in enumerate(counts):
+            self.counts[i] += n
+        for row, more in zip(self.hist, hist):
+            for b, n in enumerate(more):
+                row[b] += n
+        for k, ms in enumerate(idle_ms_sum):
+            self.idle_ms_sum[k] += ms
+        self.total += total
+
+    def kernel_limits(self) -> tuple[int, int, int, int, bool]:
+        """(warn_ms, probe_ms, close_wait_ms, retransmits, slow_defaults): the pre-filter's
+        integer thresholds, for a pass that runs it elsewhere (the kernel)."""
+        return (self.warn_ms, max(self.probe_ms, 0), self.close_wait_ms,
+                math.ceil(self.retransmits), self.slow_defaults)  # fmt: skip
 
 
 def could_flag(sock: Sock, t: Thresholds, options: SocketOptions | None = None) -> bool:

@@ -43,11 +43,33 @@ typedef struct {
 	struct net *net;
 } possible_net_t;
 
+struct in6_addr {
+	union {
+		__u8 u6_addr8[16];
+	} in6_u;
+};
+
 struct sock_common {
+	__be32 skc_daddr;
+	__be32 skc_rcv_saddr;
+	__be16 skc_dport;
+	__u16 skc_num;
 	unsigned short skc_family;
 	volatile unsigned char skc_state;
 	possible_net_t skc_net;
+	struct in6_addr skc_v6_daddr;
+	struct in6_addr skc_v6_rcv_saddr;
 	unsigned long skc_flags; /* 6.18: sk_flags lives here (include/net/sock.h) */
+};
+
+struct hlist_node {
+	struct hlist_node *next;
+	struct hlist_node **pprev; /* NULL: not pending (timer_pending, include/linux/timer.h) */
+};
+
+struct timer_list {
+	struct hlist_node entry;
+	unsigned long expires; /* jiffies */
 };
 
 struct inode {
@@ -69,6 +91,7 @@ struct socket_alloc {
 struct sock {
 	struct sock_common __sk_common;
 	struct socket *sk_socket;
+	struct timer_list sk_timer; /* the keepalive (and FIN_WAIT2) timer */
 };
 
 /* Before sk_flags moved into sock_common it was a field of struct sock. */
@@ -82,7 +105,21 @@ struct inet_sock {
 
 struct inet_connection_sock {
 	struct inet_sock icsk_inet;
+	struct timer_list icsk_retransmit_timer; /* 6.18: its expires is icsk_timeout() */
+	__u32 icsk_rto; /* jiffies */
+	__u8 icsk_retransmits;
+	__u8 icsk_pending; /* ICSK_TIME_* */
+	__u8 icsk_backoff;
+	__u8 icsk_probes_out;
+	struct {
+		__u32 lrcvtime; /* tcp_jiffies32 of the last data received */
+	} icsk_ack;
 	__u32 icsk_user_timeout; /* ms; 0: not set */
+};
+
+/* Before 6.14 (commit "tcp: remove icsk->icsk_timeout") the expiry was a field of its own. */
+struct inet_connection_sock___timeout {
+	unsigned long icsk_timeout;
 };
 
 struct tcp_sock {
@@ -90,6 +127,15 @@ struct tcp_sock {
 	__u32 keepalive_time;  /* jiffies; 0: the namespace's tcp_keepalive_time */
 	__u32 keepalive_intvl; /* jiffies; 0: tcp_keepalive_intvl */
 	__u8 keepalive_probes; /* 0: tcp_keepalive_probes */
+	__u32 copied_seq;
+	__u32 write_seq;
+	__u32 lsndtime; /* tcp_jiffies32 of the last data sent */
+	__u32 rcv_nxt;
+	__u32 snd_una;
+	__u32 srtt_us; /* << 3 */
+	__u32 packets_out;
+	__u32 rcv_tstamp; /* tcp_jiffies32 of the last ACK received */
+	__u32 total_retrans;
 };
 
 struct file {

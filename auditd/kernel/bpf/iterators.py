@@ -15,6 +15,7 @@ recovers when the cause goes away (a capability granted, a lockdown lifted).
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +26,9 @@ from auditd.kernel.bpf.libbpf import BpfObject, Libbpf, Link, read_iter, system_
 OBJECT_DIR = os.path.dirname(os.path.abspath(__file__))
 SOCKETS = ("sockets.bpf.o", "keepalive_sockets")
 OWNERS = ("owners.bpf.o", "keepalive_owners")
+# The audit pass (aggregates and candidates in the kernel): loaded apart from the other two,
+# so a kernel that refuses it still gets exact options and owners from them.
+AUDIT = ("audit.bpf.o", "keepalive_audit")
 # After a failure, loading is tried again at most this often: a refused load costs a few ms
 # (the verifier's refusal more), an agent auditing every second should not pay it each time.
 RETRY_SECONDS = 60.0
@@ -56,8 +60,15 @@ class Iterators:
         self._links: dict[str, Link] = {}
         self._lock = threading.Lock()
         self.error: str | None = None  # why the last load failed
+        self._audit: tuple[BpfObject, Link] | None = None
+        self._audit_failed_at: float | None = None
+        self.audit_error: str | None = None  # why the audit pass did not load
+        self._ns_locks: dict[int, threading.Lock] = {}
 
     def _load(self, file: str, program: str) -> Link:
+        return self._load_object(file, program)[1]
+
+    def _load_object(self, file: str, program: str) -> tuple[BpfObject, Link]:
         with open(os.path.join(self.directory, file), "rb") as f:
             data = f.read()
         obj = BpfObject(data, file, self._libbpf(), self._kconfig)
@@ -68,7 +79,7 @@ class Iterators:
             obj.close()
             raise
         self._objects.append(obj)
-        return link
+        return obj, link
 
     def ensure(self) -> None:
         """Loads what is not loaded yet; raises BpfUnavailable (also kept in ``error``)."""
@@ -109,9 +120,51 @@ class Iterators:
         """One pass over every process's open TCP sockets."""
         return self._run(OWNERS[1], _here)
 
+    def _ensure_audit(self) -> tuple[BpfObject, Link]:
+        """The audit pass's object, loaded once (retried as ``ensure``); raises
+        BpfUnavailable, kept in ``audit_error``."""
+        self.ensure()
+        with self._lock:
+            if self._audit is not None:
+                return self._audit
+            now = self._clock()
+            failed = self._audit_failed_at
+            if failed is not None and now - failed < self.retry_seconds:
+                raise BpfUnavailable(self.audit_error or "BPF: the audit pass is unavailable")
+            self._audit_failed_at = now
+            try:
+                self._audit = self._load_object(*AUDIT)
+            except OSError as exc:
+                self.audit_error = f"BPF: cannot read {exc.filename}: {exc.strerror}"
+                raise BpfUnavailable(self.audit_error, exc.errno) from exc
+            except BpfUnavailable as exc:
+                self.audit_error = str(exc)
+                raise
+            self.audit_error = None
+            self._audit_failed_at = None
+            return self._audit
+
+    def audit_pass(
+        self, netns_inode: int, params: bytes, enter: Callable[[Callable[[], int]], int] = _here
+    ) -> bytes:
+        """One audit pass over the namespace ``enter`` runs its function in, whose inode is
+        ``netns_inode``, under ``params`` (a packed ``struct audit_params``). Passes of one
+        namespace take turns (its parameters are keyed by its inode); others overlap."""
+        obj, link = self._ensure_audit()
+        key = struct.pack("=I", netns_inode)
+        with self._lock:
+            ns_lock = self._ns_locks.setdefault(netns_inode, threading.Lock())
+        with ns_lock:
+            obj.map_update("params", key, params)
+            try:
+                return read_iter(enter(link.iter_fd))
+            finally:
+                obj.map_delete("params", key)
+
     def close(self) -> None:
         with self._lock:
             for obj in self._objects:
                 obj.close()
             self._objects.clear()
             self._links.clear()
+            self._audit = None

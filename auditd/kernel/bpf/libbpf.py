@@ -95,6 +95,8 @@ def _bind(lib: Any) -> None:
         "bpf_link__fd": ([p], i),
         "bpf_link__destroy": ([p], i),
         "bpf_iter_create": ([i], i),
+        "bpf_map_update_elem": ([i, p, p, ctypes.c_uint64], i),
+        "bpf_map_delete_elem": ([i, p], i),
     }
     for name, (argtypes, restype) in sigs.items():
         fn = getattr(lib, name)  # AttributeError: an older libbpf without it
@@ -283,6 +285,17 @@ class BpfObject:
         if fd < 0:
             raise BpfUnavailable(f"BPF: {self.name} has no loaded map {name}")
         return fd
+
+    def map_update(self, name: str, key: bytes, value: bytes) -> None:
+        """Writes one element of a loaded map (BPF_ANY). Raises BpfUnavailable."""
+        fd = self.map_fd(name)
+        err = int(self._lib.lib.bpf_map_update_elem(fd, key, value, 0))
+        if err < 0:
+            raise BpfUnavailable(f"BPF: updating map {name}: {os.strerror(-err)}", -err)
+
+    def map_delete(self, name: str, key: bytes) -> None:
+        """Deletes one element if it is there."""
+        self._lib.lib.bpf_map_delete_elem(self.map_fd(name), key)
 
     def close(self) -> None:
         for link in self._links:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import struct
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from auditd.model import SocketOptions, Sysctls
+from auditd.model import Sock, SocketOptions, Sysctls
 
 # struct sock_rec: cookie, ino, netns, keepalive_time, keepalive_intvl, user_timeout, hz,
 # state, keepalive_probes, keepopen, family.
@@ -170,3 +171,126 @@ class OwnerTable:
 
     def get(self, inode: int) -> OwnerRecord | None:
         return self.select((inode,)).get(inode)
+
+
+# The audit pass (audit.bpf.c): struct audit_params, struct audit_rec, struct audit_agg.
+AUDIT_PARAMS = struct.Struct("=3Q2I3I9I2B6x")
+AUDIT_REC = struct.Struct("=QQ16s16s15IHH4B4B2B6x")
+AUDIT_AGG = struct.Struct("=4Q48I30I4I")
+AGG_MAGIC = 0x6B61616767726567
+IDLE_BOUNDS = 9  # tally.IDLE_BUCKETS
+REC_KEPT, REC_EXTRA, REC_READ = 1, 2, 4  # audit_rec.flags
+
+
+@dataclass(frozen=True, slots=True)
+class AuditParams:
+    """One pass's thresholds, in the kernel's units (see ``auditd.audit.kernelpass``)."""
+
+    warn_ms: int
+    probe_ms: int
+    close_wait_ms: int
+    retransmits: int
+    cadence_min: int
+    sys_idle: int
+    sys_intvl: int
+    sys_cnt: int
+    bounds_ms: tuple[int, ...]
+    slow_defaults: bool
+    exact: bool
+
+    def pack(self) -> bytes:
+        u32, u64 = 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
+
+        def c(v: int, top: int) -> int:
+            return min(max(v, 0), top)
+
+        if len(self.bounds_ms) != IDLE_BOUNDS:
+            raise RecordError(f"audit pass: {len(self.bounds_ms)} idle bounds, need {IDLE_BOUNDS}")
+        return AUDIT_PARAMS.pack(
+            c(self.warn_ms, u64), c(self.probe_ms, u64), c(self.close_wait_ms, u64),
+            c(self.retransmits, u32), c(self.cadence_min, u32), c(self.sys_idle, u32),
+            c(self.sys_intvl, u32), c(self.sys_cnt, u32),
+            *(c(b, u32) for b in self.bounds_ms), self.slow_defaults, self.exact,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Aggregates:
+    """What the pass counted over every socket: as ``Tally`` counts a dump."""
+
+    idle_ms_sum: tuple[int, int, int]  # by Keepalive.ALL index
+    counts: tuple[int, ...]  # state * 3 + status, states 0..15
+    hist: tuple[tuple[int, ...], ...]  # per status, IDLE_BOUNDS + 1 buckets
+    total: int
+    handed: int  # records written
+    inspected: int  # exact mode: statuses taken from SO_KEEPALIVE
+    unconfigured: int  # sockets skipped for want of parameters (0 unless a bug)
+
+
+class AuditRecord(NamedTuple):
+    """One socket the pass handed over: the socket as sock_diag reports it, its cookie, its
+    raw keepalive fields (0: the namespace sysctl) and the pass's ``REC_*`` flags."""
+
+    sock: Sock
+    cookie: int
+    keepalive_time: int  # jiffies
+    keepalive_intvl: int
+    keepalive_probes: int
+    user_timeout_ms: int
+    hz: int
+    keepalive: bool
+    flags: int
+
+    def options(self, sysctls: Sysctls) -> SocketOptions:
+        """What getsockopt would answer (as ``SockRecord.options``)."""
+        hz = self.hz
+        return SocketOptions(
+            keepalive=self.keepalive,
+            idle=self.keepalive_time // hz if self.keepalive_time else sysctls.keepalive_time,
+            intvl=self.keepalive_intvl // hz if self.keepalive_intvl else sysctls.keepalive_intvl,
+            cnt=self.keepalive_probes or sysctls.keepalive_probes,
+            user_timeout_ms=self.user_timeout_ms,
+            source="bpf",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AuditOutput:
+    records: list[AuditRecord]
+    aggregates: Aggregates
+
+
+def audit_record(data: bytes, offset: int) -> AuditRecord:
+    (cookie, ino, src, dst, expires, rqueue, wqueue, uid, rto, unacked, sent, recv, acked,
+     rtt, total_retrans, ktime, kintvl, uto, hz, sport, dport, family, state, timer, retrans,
+     ca_retransmits, probes, backoff, kprobes, keepopen, flags) = AUDIT_REC.unpack_from(
+        data, offset)  # fmt: skip
+    if hz == 0:
+        raise RecordError(f"audit pass: record at {offset} has HZ 0")
+    sock = Sock(family, state, timer, retrans, sport, dport, src, dst, expires, rqueue, wqueue,
+                uid, ino, True, ca_retransmits, probes, backoff, rto, unacked, sent, recv,
+                acked, rtt, total_retrans)  # fmt: skip
+    return AuditRecord(sock, cookie, ktime, kintvl, kprobes, uto, hz, bool(keepopen), flags)
+
+
+def decode_audit(data: bytes) -> AuditOutput:
+    """A whole pass: the records, then the aggregates record that ends it. Raises
+    RecordError for output that is not that (a pass cut short, another layout)."""
+    size = AUDIT_AGG.size
+    if len(data) < size or (len(data) - size) % AUDIT_REC.size:
+        raise RecordError(f"audit pass: {len(data)} bytes is not records and aggregates")
+    values = AUDIT_AGG.unpack_from(data, len(data) - size)
+    if values[0] != AGG_MAGIC:
+        raise RecordError("audit pass: no aggregates at its end")
+    sums, counts = values[1:4], values[4:52]
+    flat, (total, handed, inspected, unconfigured) = values[52:82], values[82:86]
+    width = IDLE_BOUNDS + 1
+    hist = tuple(tuple(flat[i * width : (i + 1) * width]) for i in range(3))
+    n = (len(data) - size) // AUDIT_REC.size
+    if n != handed:
+        raise RecordError(f"audit pass: {n} records, the pass wrote {handed}")
+    records = [audit_record(data, i * AUDIT_REC.size) for i in range(n)]
+    aggregates = Aggregates(
+        (sums[0], sums[1], sums[2]), tuple(counts), hist, total, handed, inspected, unconfigured
+    )
+    return AuditOutput(records, aggregates)
