@@ -40,6 +40,7 @@ _KA_INDEX = {ka: i for i, ka in enumerate(Keepalive.ALL)}
 _FIELDS = ("state", "timer", "retrans", "expires_ms", "last_data_sent_ms", "last_data_recv_ms",
            "last_ack_recv_ms")  # fmt: skip
 _pick = itemgetter(*(Sock._fields.index(name) for name in _FIELDS))
+_SPORT, _DPORT = Sock._fields.index("sport_raw"), Sock._fields.index("dport_raw")
 
 
 def loosest(rules: RuleSet, cap: float | None = None) -> Thresholds:
@@ -190,7 +191,7 @@ class Tally:
         bounds, where, pick = _IDLE_BOUNDS_MS, bisect.bisect_left, _pick
         status, ka_index, other = keepalive_status, _KA_INDEX, g._keeps_other
         remote, local = self._remote, self._local
-        ported = self._keeps_ported if remote or local else None
+        ported, sport, dport = bool(remote or local), _SPORT, _DPORT
         total = 0
         for sock in socks:
             total += 1
@@ -208,11 +209,12 @@ class Tally:
                 counts[3 + k] += 1
                 hist[k][where(bounds, idle)] += 1
                 sums[k] += idle
-                if keep_it or (ported is not None and ported(sock)):
+                if keep_it or (ported and (sock[dport] in remote or sock[sport] in local) and (
+                        self._keeps_ported(sock))):  # fmt: skip
                     keep(sock)
             else:
                 counts[(state & 63) * 3 + ka_index[status(sock)]] += 1
-                if other(sock) or (ported is not None and ported(sock)):
+                if other(sock) or (ported and self._keeps_ported(sock)):
                     keep(sock)
             if visit is not None:
                 visit(sock)
