@@ -4,8 +4,9 @@ Layouts mirror include/uapi/linux/inet_diag.h, include/uapi/linux/sock_diag.h an
 include/uapi/linux/tcp.h (struct tcp_info). Like iproute2's ss, every message becomes a flat
 record before any logic, and a tcp_info shorter than ours (older kernel) is zero-padded.
 
-This is the hot path of an audit (200k sockets on a busy proxy): one ``recv_into`` into a
-reused buffer, ``struct.Struct.unpack_from`` on it, no per-attribute objects. pyroute2's
+This is the hot path of an audit (200k sockets on a busy proxy): one ``recvmsg_into`` into a
+reused buffer, then each run of messages of one layout (about 80 per datagram) unpacked by one
+``struct.Struct.iter_unpack`` straight into Sock records, no per-attribute objects. pyroute2's
 ``DiagSocket`` decodes the same dump about 20x slower, so it serves only as a test oracle.
 """
 
@@ -18,6 +19,7 @@ import struct
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 from auditd.errors import KernelError
@@ -135,6 +137,41 @@ def _slow_sock(buf: Buffer, off: int, info_at: int, info_len: int) -> Sock:
                 uid, inode, *tail)  # fmt: skip
 
 
+# A run: the messages that follow one decoded by the fast path, laid out as it is (same
+# length, type and flags, the INFO header bytes where it had them). A datagram holds about 80
+# sockets of one layout; the run is found with one strided slice per header byte (C loops)
+# and unpacked by ``iter_unpack`` straight into Sock field order: no bytecode per socket
+# (200k recorded sockets: 0.11 s instead of 0.175 s, message by message).
+_run_cache: dict[tuple[int, int], Callable[[Buffer], Iterator[tuple[Any, ...]]]] = {}
+_RUN_MIN = 4  # fewer messages left than this: one by one
+
+
+def _run_unpacker(info_at: int, length: int) -> Callable[[Buffer], Iterator[tuple[Any, ...]]]:
+    """iter_unpack over whole messages of ``length`` bytes with INFO ``info_at`` bytes in."""
+    fn = _run_cache.get((info_at, length))
+    if fn is None:
+        pad = info_at - _MSG_HDR_LEN
+        head = f"=16x{_BODY_HEAD[1:]}{pad}x{_RTA_AS_FLAG}{_BODY_INFO}"
+        fn = struct.Struct(f"{head}{length - struct.calcsize(head)}x").iter_unpack
+        _run_cache[(info_at, length)] = fn
+    return fn
+
+
+def _run_length(buf: Buffer, off: int, end: int, length: int, info_at: int) -> int:
+    """How many messages from ``off`` on (at least the one there) share its header bytes
+    (length, type, flags) and its INFO attribute header: the first that differs starts
+    where a message of its own starts, so every message before it is laid out as this one."""
+    n = (end - off) // length
+    if n < _RUN_MIN:
+        return 1
+    stop = off + n * length
+    for at in (0, 1, 2, 3, 4, 5, 6, 7, info_at, info_at + 1, info_at + 2, info_at + 3):
+        column = bytes(buf[off + at : stop : length])
+        n -= len(column.lstrip(column[:1]))
+        stop = off + n * length
+    return n
+
+
 def decode(buf: Buffer, stats: DumpStats) -> Iterator[Sock]:
     """Sockets in one netlink datagram. Pure: bytes in, records out, surprises counted.
 
@@ -155,25 +192,39 @@ def decode(buf: Buffer, stats: DumpStats) -> Iterator[Sock]:
         if length < 16 or off + length > end:
             stats.truncated = True
             return
-        stats.messages += 1
         if flags & NLM_F_DUMP_INTR:
             stats.interrupted = True
         if mtype == SOCK_DIAG_BY_FAMILY and length >= _MSG_HDR_LEN:
-            if (
+            if not (
                 length == fast_len
                 and buf[off + info_at + 2] == INET_DIAG_INFO
                 and buf[off + info_at + 3] == 0
                 and buf[off + info_at] + (buf[off + info_at + 1] << 8) >= 4 + _TI_LEN
             ):
+                at, alen = _find_info(buf, off, off + length, stats)
+                if not at or alen < 4 + _TI_LEN:
+                    stats.messages += 1
+                    yield _slow_sock(buf, off, at, alen)
+                    off += (length + 3) & ~3
+                    continue
+                info_at, fast, fast_len = at, _fast_unpacker(at), length
+            if length & 3:  # not 4-aligned: no run (never seen; netlink aligns messages)
+                stats.messages += 1
+                yield new(Sock, fast(buf, off + 16))
+                off += (length + 3) & ~3
+                continue
+            count = _run_length(buf, off, end, length, info_at)
+            stats.messages += count
+            if count == 1:
                 yield new(Sock, fast(buf, off + 16))
             else:
-                at, alen = _find_info(buf, off, off + length, stats)
-                if at and alen >= 4 + _TI_LEN:
-                    info_at, fast, fast_len = at, _fast_unpacker(at), length
-                    yield new(Sock, fast(buf, off + 16))
-                else:
-                    yield _slow_sock(buf, off, at, alen)
-        elif mtype == NLMSG_DONE:
+                yield from map(new, repeat(Sock), _run_unpacker(info_at, length)(
+                    buf[off : off + count * length]
+                ))  # fmt: skip
+            off += count * length
+            continue
+        stats.messages += 1
+        if mtype == NLMSG_DONE:
             stats.done += 1
         elif mtype == NLMSG_ERROR:
             code = -NLMSGERR.unpack_from(buf, off + 16)[0] if length >= 20 else errno.EIO

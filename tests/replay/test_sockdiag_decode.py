@@ -26,6 +26,8 @@ from helpers import (
     sock_to_json,
     tcp_info,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from auditd.errors import KernelError
 from auditd.kernel import sockdiag
@@ -343,6 +345,55 @@ def test_info_offset_shifted_by_a_pad_attribute() -> None:
         2,
         999,
     )
+
+
+def _variants() -> list[bytes]:
+    """Messages of several layouts: runs of one layout are decoded together (sockdiag's
+    ``_run_length``), and each of these must end a run of another where it starts."""
+    pad, mark = rtattr(14, b""), rtattr(15, bytes(4))
+    info = tcp_info(rto=300_000, last_data_recv=7, last_ack_recv=9) + bytes(160)
+    other_type = bytearray(diag_message(info=info, inode=9))
+    struct.pack_into("=H", other_type, 4, 99)  # a diag message's length, a type never asked for
+    return [
+        diag_message(info=info, inode=1, sport=1),
+        diag_message(info=tcp_info(rto=1, probes=2) + bytes(160), inode=2, timer=2, retrans=1),
+        diag_message(info=info, inode=3, flags=0x2 | NLM_F_DUMP_INTR),  # flags differ
+        diag_message(info=info[:-4], extra_attrs=pad, inode=4),  # same length, INFO later
+        diag_message(info=info, extra_attrs=mark, inode=5),  # longer
+        diag_message(info=None, state=TcpState.SYN_RECV, inode=6),
+        diag_message(info=info[:60], inode=7),  # short tcp_info
+        diag_message(
+            info=info, inode=8, family=socket.AF_INET6, src="2001:db8::1", dst="2001:db8::2"
+        ),
+        nlmsg(NLMSG_NOOP, b""),
+        bytes(other_type),
+    ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 9), max_size=40), st.booleans())
+def test_runs_decode_as_message_by_message(picks: list[int], done: bool) -> None:
+    variants = _variants()
+    messages = [variants[i] for i in picks] + ([nlmsg(NLMSG_DONE, bytes(4))] if done else [])
+    together, stats = one(b"".join(messages))
+    alone = DumpStats()
+    assert together == [sock for m in messages for sock in decode(m, alone)]
+    assert stats == alone
+
+
+def test_a_run_of_one_layout_ends_where_the_info_attribute_moves() -> None:
+    info = tcp_info(last_data_recv=5) + bytes(160)
+    same = [diag_message(info=info, inode=i) for i in range(6)]
+    moved = diag_message(info=tcp_info(last_data_recv=6) + bytes(156),
+                         extra_attrs=rtattr(14, b""), inode=6)  # fmt: skip
+    assert len(moved) == len(same[0])
+    socks, stats = one(b"".join([*same, moved, *same]))
+    assert [(s.inode, s.last_data_recv_ms) for s in socks] == [
+        *((i, 5) for i in range(6)),
+        (6, 6),
+        *((i, 5) for i in range(6)),
+    ]
+    assert (stats.messages, stats.skipped) == (13, 0)
 
 
 @pytest.mark.parametrize("bad_len", [0, 3, 4096])
