@@ -95,6 +95,8 @@ def namespace_dict(ns: NamespaceReport) -> dict[str, Any]:
             "timeouts": c.timeouts,
             "retrans_segs": c.retrans_segs,
         },
+        "source": ns.source,
+        "source_note": ns.source_note,
         "dump": {
             "messages": ns.dump_messages,
             "skipped": ns.dump_skipped,

@@ -91,6 +91,10 @@ class NamespaceReport:
     inspection: Inspection | None = None  # None: not asked for (--inspect-sockets)
     # Every finding of the namespace, described or not: (kind, severity, rule) -> count.
     finding_counts: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    # What counted the sockets and found the candidates: "bpf" (the kernel's audit pass) or
+    # "sock_diag" (the dump, decoded and counted here); why not "bpf" when it was tried.
+    source: str = "sock_diag"
+    source_note: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from auditd.audit.run import audit
 from auditd.config import RuleSet
 from auditd.errors import NamespaceGone
-from auditd.kernel.bpf.exact import BpfAudit, ExactInspector
+from auditd.kernel.bpf.exact import BpfAudit, BpfKernelAudit, ExactInspector
 from auditd.kernel.bpf.iterators import Iterators
 from auditd.kernel.inspect import SocketInspector
 from auditd.kernel.limits import Problems, netns_note, observe
@@ -67,6 +67,9 @@ class AuditOptions:
     # Seconds the owner scans of an audit may take, for a one-shot audit with no next cycle
     # to resume in (run.ONE_SHOT_ATTRIBUTION_CAP_SECONDS); None: a share of the dump's time.
     attribution_cap: float | None = None
+    # Count and pre-filter in the kernel (the BPF audit pass) when the iterators load; False:
+    # always the sock_diag dump (for comparisons).
+    kernel_pass: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +146,9 @@ class AuditSession:
         try:
             sources = observe(self.namespaces(owners), problems)
             inspector = ExactInspector(bpf, SocketInspector()) if exact else None
+            kernel = (
+                BpfKernelAudit(self.iterators) if bpf.loaded and self.options.kernel_pass else None
+            )
             result = audit(
                 rules,
                 sources,
@@ -150,6 +156,7 @@ class AuditSession:
                 inspector=inspector,
                 max_findings=self.options.max_findings,
                 attribution_cap=self.options.attribution_cap,
+                kernel=kernel,
             )
         finally:
             if prescan is not None:

@@ -15,17 +15,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from auditd.audit.inference import KEEPALIVE_STATES, keepalive_status, path_idle_ms, probe_cadence
+from auditd.audit.kernelpass import pass_params
 from auditd.audit.matching import DEFAULT_RULE, select_rule
 from auditd.audit.namespace import budget_findings, detection_times, sysctl_findings
 from auditd.audit.paths import middlebox_cap
 from auditd.audit.tally import Tally, by_port, could_flag, loosest
 from auditd.audit.verdicts import idle_severity, judge, socket_findings
 from auditd.config import RuleSet
-from auditd.errors import KernelError, NamespaceGone
+from auditd.errors import AuditdError, KernelError, NamespaceGone
+from auditd.kernel.bpf.records import REC_EXTRA, REC_KEPT
 from auditd.kernel.inspect import Inspector, Inspectors
 from auditd.kernel.owners.scan import OwnerScan
 from auditd.kernel.sockdiag import DumpStats
-from auditd.kernel.sources import KernelSource
+from auditd.kernel.sources import KernelAudit, KernelSource
 from auditd.model import (
     Counters,
     Finding,
@@ -49,6 +51,11 @@ from auditd.results import (
 )
 
 _SEVERITY_LABELS = {s: s.label for s in Severity}
+# NamespaceReport.source: what counted the namespace's sockets and found its candidates.
+SOCK_DIAG, BPF_SOURCE = "sock_diag", "bpf"
+KERNEL_PASS_NEEDS_EVERY_SOCKET = (
+    "a rule with a detection_budget of its own must see every ESTABLISHED socket"
+)
 
 
 class _Judged:
@@ -140,6 +147,7 @@ class _Inspected:
     wanted: int = 0
     error: str | None = None
     extra: list[Sock] = field(default_factory=list)  # not kept by the pre-filter, now flagged
+    read: int | None = None  # sockets read, when not those of ``options`` (the kernel pass)
 
 
 def _inspect(
@@ -185,6 +193,7 @@ def audit_namespace(
     host: Sysctls | None = None,
     max_findings: int = DEFAULT_MAX_FINDINGS,
     attribution_cap: float | None = None,
+    kernel: KernelAudit | None = None,
 ) -> tuple[NamespaceReport, list[Finding]]:
     """Raises KernelError when the socket dump cannot be read; everything else is best effort.
     ``host``: the host namespace's sysctls when this is another namespace, so namespace-level
@@ -192,6 +201,9 @@ def audit_namespace(
 
     ``inspector`` (opt-in): read the exact keepalive options of every socket whose keepalive
     is on or unknown, through its owner's fd; without it the audit infers them.
+    ``kernel``: the audit pass in the kernel (BPF), which counts every socket and hands over
+    only those the pre-filter keeps (with their options in exact mode) instead of the dump;
+    the sock_diag dump serves when it cannot (``NamespaceReport.source`` says which).
     ``max_findings``: socket findings described (the worst; 0: all); every one is counted in
     ``finding_counts``, and only the sockets described are attributed. ``attribution_cap``:
     the owner scan's budget becomes this (see ONE_SHOT_ATTRIBUTION_CAP_SECONDS) instead of a
@@ -202,9 +214,8 @@ def audit_namespace(
     """
     sysctls = source.sysctls()
     counters = source.counters()
-    bound = None if inspector is None else inspector.for_namespace(source, sysctls)
-    run = _Dumped(rules, sysctls, bound, max_findings)
-    run.dump(source, monotonic)
+    run = _Dumped(rules, sysctls, inspector, max_findings)
+    run.dump(source, monotonic, kernel)
     attributed = run.attribute(source, monotonic, attribution_cap)
     findings = run.describe(attributed, netns)
     namespace_findings = [
@@ -229,10 +240,18 @@ class _Dumped:
     """One namespace's dump, and what it left to attribute and describe."""
 
     def __init__(
-        self, rules: RuleSet, sysctls: Sysctls, inspector: Inspector | None, max_findings: int
+        self, rules: RuleSet, sysctls: Sysctls, inspector: Inspectors | None, max_findings: int
     ) -> None:
-        self.rules, self.sysctls, self.inspector = rules, sysctls, inspector
+        self.rules, self.sysctls = rules, sysctls
+        self.exact = inspector is not None
+        self._unbound = inspector  # bound to the namespace only if the dump serves
+        self.inspector: Inspector | None = None
         self.stats = DumpStats()
+        self.source: str = SOCK_DIAG
+        self.source_note: str | None = None
+        self.extra: list[Sock] = []  # kernel pass, exact mode: flagged by their options only
+        self.options: dict[int, SocketOptions] = {}  # kernel pass, exact mode: of the records
+        self.read = 0  # kernel pass, exact mode: sockets whose status SO_KEEPALIVE gave
         self.matched: set[str] = set()
         self.judged = _Judged(rules, sysctls, max_findings, self.matched)
         # Judged while the dump streams, unless the verdict needs the owner (process rules)
@@ -245,16 +264,58 @@ class _Dumped:
         self.tally = Tally(loosest(rules, cap), silence, by_port(rules, cap))
         self.seconds = 0.0
 
-    def dump(self, source: KernelSource, monotonic: Callable[[], float]) -> None:
-        visit = _rule_watcher(self.rules, self.matched)
-        if self.inspector is not None:
-            visit = _collector(self.candidates, visit)
+    def _sink(self) -> Callable[[Sock], None]:
+        """Where the pre-filter's sockets go: judged at once, or kept for attribution."""
         keep = self.judged.add if self.direct else self.kept.append
-        if self.inspector is not None and not self.rules.uses_processes:
+        if self.exact and not self.rules.uses_processes:
             # Exact mode: a socket whose timer already proves keepalive off needs no options
             # for its verdict: judged now, kept only while among the worst, as without it.
             keep = _split(self.judged.add, self.kept.append)
+        return keep
+
+    def _kernel_pass(self, source: KernelSource, kernel: KernelAudit) -> bool:
+        """The namespace's counts and candidates from the kernel's audit pass; False (and
+        ``source_note`` says why) when the dump has to serve instead."""
+        if _rule_watcher(self.rules, set()) is not None:
+            self.source_note = KERNEL_PASS_NEEDS_EVERY_SOCKET
+            return False
+        params = pass_params(self.tally, self.sysctls, self.exact)
+        try:
+            out = kernel.audit_pass(source, params)
+        except AuditdError as exc:
+            self.source_note = str(exc)
+            return False
+        agg = out.aggregates
+        self.tally.absorb(agg.counts, agg.hist, agg.idle_ms_sum, agg.total)
+        keep = self._sink()
+        for rec in out.records:
+            sock = rec.sock
+            if self.exact and sock.inode:
+                self.options[sock.inode] = rec.options(self.sysctls)
+            if rec.flags & REC_KEPT:
+                keep(sock)
+            elif rec.flags & REC_EXTRA:
+                self.extra.append(sock)
+        self.read = agg.inspected
+        self.source, self.source_note = BPF_SOURCE, None
+        return True
+
+    def dump(
+        self,
+        source: KernelSource,
+        monotonic: Callable[[], float],
+        kernel: KernelAudit | None = None,
+    ) -> None:
         started = monotonic()
+        if kernel is not None and self._kernel_pass(source, kernel):
+            self.seconds = monotonic() - started
+            return
+        if self._unbound is not None:
+            self.inspector = self._unbound.for_namespace(source, self.sysctls)
+        visit = _rule_watcher(self.rules, self.matched)
+        if self.inspector is not None:
+            visit = _collector(self.candidates, visit)
+        keep = self._sink()
         self.tally.run(source.sockets(self.stats), keep, visit)
         self.seconds = monotonic() - started
 
@@ -263,6 +324,8 @@ class _Dumped:
     ) -> _Attributed:
         """Owners of the sockets kept (within a budget), their options when inspected, and
         the verdicts that waited for them."""
+        if self.source == BPF_SOURCE:
+            return self._attribute_kernel(source, monotonic, cap)
         inspector = self.inspector
         # The BPF socket pass reads options without owners: then only flagged sockets need one.
         by_fd = inspector is not None and inspector.needs_owners
@@ -292,6 +355,22 @@ class _Dumped:
             unread = [(s.inode, 0, -1) for s in self.judged.socks() if s.inode not in options]
             if unread:
                 options.update(inspector.inspect([t for t in unread if t[0]]).options)
+        return _Attributed(scan, wanted, inspected)
+
+    def _attribute_kernel(
+        self, source: KernelSource, monotonic: Callable[[], float], cap: float | None
+    ) -> _Attributed:
+        """``attribute`` after the kernel's pass: its records carry the options already."""
+        budget = max(ATTRIBUTION_MIN_SECONDS, ATTRIBUTION_FRACTION * self.seconds)
+        if cap is not None:
+            budget = max(budget, cap)
+        socks = (*self.judged.socks(), *self.kept, *self.extra)
+        wanted = list({s.inode for s in socks if s.inode})
+        scan = source.owners(wanted, monotonic() + budget) if wanted else OwnerScan()
+        owners, options = scan.found, self.options
+        for sock in (*self.kept, *self.extra):
+            self.judged.add(sock, owners.get(sock.inode), options.get(sock.inode))
+        inspected = _Inspected(options, self.read, None, self.extra, self.read)
         return _Attributed(scan, wanted, inspected)
 
     def describe(self, attributed: _Attributed, netns: str) -> list[Finding]:
@@ -358,13 +437,15 @@ def _report(
         attribution_complete=scan.complete,
         attribution_hidden=scan.hidden,
         attribution_failed=scan.error is not None,
-        inspection=None if inspector is None else Inspection(
+        inspection=None if not run.exact else Inspection(
             inspected.wanted,
-            len(inspected.options),
+            len(inspected.options) if inspected.read is None else inspected.read,
             inspected.error,
-            inspector.method,
-            inspector.note,
+            BPF_SOURCE if inspector is None else inspector.method,
+            None if inspector is None else inspector.note,
         ),
+        source=run.source,
+        source_note=run.source_note,
         differs_from_host=differs,
     )  # fmt: skip
 
@@ -414,11 +495,12 @@ def _audit_retrying(
     host: Sysctls | None = None,
     max_findings: int = DEFAULT_MAX_FINDINGS,
     attribution_cap: float | None = None,
+    kernel: KernelAudit | None = None,
 ) -> tuple[NamespaceReport, list[Finding]]:
     def once() -> tuple[NamespaceReport, list[Finding]]:
         return audit_namespace(
             rules, source, name, inspector=inspector, host=host, max_findings=max_findings,
-            attribution_cap=attribution_cap,
+            attribution_cap=attribution_cap, kernel=kernel,
         )  # fmt: skip
 
     try:
@@ -437,6 +519,7 @@ def audit(
     inspector: Inspectors | None = None,
     max_findings: int = DEFAULT_MAX_FINDINGS,
     attribution_cap: float | None = None,
+    kernel: KernelAudit | None = None,
 ) -> AuditResult:
     """Audit each (name, source) namespace, the host first: the others are compared with its
     sysctls. A namespace gone or refused (NamespaceGone), or any other namespace whose kernel
@@ -459,8 +542,9 @@ def audit(
         try:
             cap = None if cap_ends is None else max(cap_ends - time.monotonic(), 0.0)
             report, found = _audit_retrying(
-                rules, source, name, inspector, host, max_findings, attribution_cap=cap
-            )
+                rules, source, name, inspector, host, max_findings, attribution_cap=cap,
+                kernel=kernel,
+            )  # fmt: skip
         except KernelError as exc:
             if name == HOST_NETNS and not isinstance(exc, NamespaceGone):
                 raise

@@ -11,6 +11,7 @@ from collections.abc import Callable, Collection, Iterator
 from typing import Protocol, TypeVar
 
 from auditd.kernel import netns, procfs, sockdiag
+from auditd.kernel.bpf.records import AuditOutput, AuditParams
 from auditd.kernel.netns import NamespaceRef
 from auditd.kernel.owners.attribution import OwnerFinder
 from auditd.kernel.owners.scan import OwnerScan
@@ -46,6 +47,17 @@ class KernelSource(Protocol):
 
     def describe(self) -> str:
         """What the source is, for a note (``FakeKernel``, ``NamespaceKernel``)."""
+        ...
+
+
+class KernelAudit(Protocol):
+    """A namespace's audit done in the kernel (the BPF audit pass, ``audit.bpf.c``): what
+    ``Tally`` would count over the dump, and only the sockets its pre-filter keeps, as full
+    records, instead of every socket."""
+
+    def audit_pass(self, source: KernelSource, params: AuditParams) -> AuditOutput:
+        """One pass over ``source``'s namespace; raises AuditdError (BpfUnavailable,
+        KernelError) when it cannot serve, and the audit then dumps by sock_diag."""
         ...
 
 

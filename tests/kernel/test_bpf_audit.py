@@ -5,8 +5,10 @@ handed over against the pre-filter's, in both modes (see tests/bpfmix.py for the
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import bpfmix
 import netlab
@@ -14,10 +16,12 @@ import pytest
 
 from auditd.audit.inference import keepalive_status, probe_cadence
 from auditd.audit.kernelpass import pass_params
-from auditd.audit.run import _may_need_options
+from auditd.audit.run import KERNEL_PASS_NEEDS_EVERY_SOCKET, _may_need_options, audit_namespace
 from auditd.audit.tally import Tally, could_flag, loosest
-from auditd.kernel import netns, sockdiag
-from auditd.kernel.bpf.iterators import Iterators
+from auditd.config import RuleSet, parse_rules
+from auditd.kernel import Attribution, NamespaceKernel, netns, sockdiag
+from auditd.kernel.bpf.exact import BpfAudit, BpfKernelAudit, ExactInspector
+from auditd.kernel.bpf.iterators import OBJECT_DIR, Iterators
 from auditd.kernel.bpf.libbpf import read_iter
 from auditd.kernel.bpf.records import (
     REC_EXTRA,
@@ -27,9 +31,12 @@ from auditd.kernel.bpf.records import (
     SocketTable,
     decode_audit,
 )
-from auditd.kernel.inspect import read_options
+from auditd.kernel.inspect import SocketInspector, read_options
+from auditd.kernel.netns import NamespaceRef
 from auditd.kernel.procfs import read_sysctls
-from auditd.model import Sock, Sysctls, TcpState
+from auditd.kernel.sources import KernelAudit
+from auditd.model import Finding, Sock, Sysctls, TcpState
+from auditd.results import NamespaceReport
 
 pytestmark = pytest.mark.kernel
 
@@ -151,3 +158,79 @@ def test_no_parameters_no_counts(lab: netlab.Lab, iters: Iterators) -> None:
     data = read_iter(netns.call_in_netns(mix.a.path, link.iter_fd))
     agg = decode_audit(data).aggregates
     assert agg.total == 0 and agg.handed == 0 and agg.unconfigured == len(_dump(mix.a))
+
+
+def _audit(
+    ns: netlab.Netns, exact: bool, kernel: KernelAudit | None, rules: RuleSet = bpfmix.RULES
+) -> tuple[NamespaceReport, list[Finding]]:
+    st = os.stat(ns.path)
+    bpf = BpfAudit(Iterators())
+    finder = Attribution(bpf=bpf).finder(ns.name)
+    source = NamespaceKernel(NamespaceRef(st.st_dev, st.st_ino, ns.path, ns.name), owners=finder)
+    inspector = ExactInspector(bpf, SocketInspector()) if exact else None
+    return audit_namespace(rules, source, ns.name, inspector=inspector, kernel=kernel)
+
+
+def _facts(findings: list[Finding]) -> set[tuple[object, ...]]:
+    return {
+        (f.kind, f.severity, f.rule, f.local, f.remote, f.keepalive, f.pid, f.options_source,
+         f.keepalive_idle_seconds, f.user_timeout_ms)
+        for f in findings
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["inferred", "exact"])
+def test_report_by_the_kernel_pass_equals_sock_diag(
+    lab: netlab.Lab, iters: Iterators, exact: bool
+) -> None:
+    mix = bpfmix.build(lab)
+    by_bpf, found_bpf = _audit(mix.a, exact, BpfKernelAudit(iters))
+    by_diag, found_diag = _audit(mix.a, exact, None)
+    assert (by_bpf.source, by_bpf.source_note) == ("bpf", None)
+    assert (by_diag.source, by_diag.source_note) == ("sock_diag", None)
+    assert by_bpf.sockets == by_diag.sockets
+    assert by_bpf.connections == by_diag.connections
+    assert by_bpf.idle_histogram == by_diag.idle_histogram
+    assert by_bpf.finding_counts == by_diag.finding_counts
+    assert by_bpf.finding_counts, "the mix has findings"
+    for k, seconds in by_bpf.idle_sum.items():
+        assert abs(seconds - by_diag.idle_sum[k]) <= 1.0  # the second audit runs a bit later
+    assert _facts(found_bpf) == _facts(found_diag)
+    kinds = {f.kind for f in found_bpf}
+    assert {"idle_no_keepalive", "close_wait", "retransmitting", "keepalive_probing"} <= kinds
+    if exact:
+        assert by_bpf.inspection is not None and by_bpf.inspection.method == "bpf"
+        assert {f.options_source for f in found_bpf if f.local} == {"bpf"}
+    else:
+        assert by_bpf.inspection is None
+        assert {f.options_source for f in found_bpf if f.local} == {"inferred"}
+
+
+def test_rules_with_their_own_budget_get_the_dump(lab: netlab.Lab, iters: Iterators) -> None:
+    mix = bpfmix.build(lab)
+    rules = parse_rules(
+        "version: 1\ndefaults: {idle_timeout: 4s, warn_at: 0.25, close_wait_after: 1s}\n"
+        "rules:\n  - name: tight\n    match: {remote_ports: [1]}\n"
+        "    detection_budget: 60s\n",
+        "test",
+    )
+    report, _ = _audit(mix.a, False, BpfKernelAudit(iters), rules)
+    assert report.source == "sock_diag"
+    assert report.source_note == KERNEL_PASS_NEEDS_EVERY_SOCKET
+
+
+def test_a_pass_that_fails_falls_back_to_the_dump(lab: netlab.Lab, tmp_path: Path) -> None:
+    mix = bpfmix.build(lab)
+    for name in os.listdir(OBJECT_DIR):
+        if name.endswith(".bpf.o"):
+            shutil.copy(os.path.join(OBJECT_DIR, name), tmp_path / name)
+    (tmp_path / "audit.bpf.o").write_bytes(b"not an ELF object")
+    broken = Iterators(directory=str(tmp_path))
+    try:
+        report, findings = _audit(mix.a, False, BpfKernelAudit(broken))
+    finally:
+        broken.close()
+    assert report.source == "sock_diag"
+    assert report.source_note is not None and "audit.bpf.o" in report.source_note
+    by_diag, _ = _audit(mix.a, False, None)
+    assert report.finding_counts == by_diag.finding_counts and findings

@@ -27,7 +27,7 @@ TOP_KEYS = {"schema_version", "generated_at", "duration_seconds", "namespaces", 
             "skipped_namespaces", "findings_total", "findings_omitted"}  # fmt: skip
 NAMESPACE_KEYS = {
     "netns", "inode", "sysctls", "differs_from_host", "detection", "sockets", "counters", "dump",
-    "attribution", "inspection", "finding_counts",
+    "attribution", "inspection", "finding_counts", "source", "source_note",
 }  # fmt: skip
 FINDING_COUNT_KEYS = {"kind", "severity", "rule", "count"}
 ATTRIBUTION_KEYS = {"wanted", "found", "complete"}
@@ -95,6 +95,7 @@ def test_json_namespace(doc: dict[str, Any]) -> None:
     (ns,) = doc["namespaces"]
     assert set(ns) == NAMESPACE_KEYS
     assert ns["netns"] == "host" and ns["inode"] == 4026531840
+    assert ns["source"] == "sock_diag" and ns["source_note"] is None  # no kernel pass asked
     assert ns["sysctls"]["net.ipv4.tcp_keepalive_time"] == 7200
     assert set(ns["detection"]) == DETECTION_KEYS
     assert ns["detection"] == {"idle_seconds": 7875, "in_flight_seconds": pytest.approx(924.6)}

@@ -17,7 +17,14 @@ from typing import Generic, TypeVar
 
 from auditd.errors import AuditdError, BpfUnavailable
 from auditd.kernel.bpf.iterators import Iterators
-from auditd.kernel.bpf.records import OwnerTable, RecordError, SocketTable
+from auditd.kernel.bpf.records import (
+    AuditOutput,
+    AuditParams,
+    OwnerTable,
+    RecordError,
+    SocketTable,
+    decode_audit,
+)
 from auditd.kernel.inspect import Inspector, InspectScan, SocketInspector, Target
 from auditd.kernel.owners.scan import OwnerScan, process_info
 from auditd.kernel.sources import Enter, KernelSource
@@ -174,3 +181,21 @@ class ExactInspector:
         if not self.bpf.loaded:
             return _Fallback(self.fallback, self.bpf.note)
         return TableInspector(self.bpf.socket_pass(enter, sysctls), self.fallback)
+
+
+class BpfKernelAudit:
+    """``KernelAudit`` by the BPF audit pass: one pass per namespace, created from inside
+    it (``KernelSource.enter``) under parameters keyed by its inode."""
+
+    def __init__(self, iterators: Iterators) -> None:
+        self.iterators = iterators
+
+    def audit_pass(self, source: KernelSource, params: AuditParams) -> AuditOutput:
+        enter, inode = source.enter(), source.netns_inode()
+        if enter is None or inode is None:
+            raise BpfUnavailable(f"BPF: cannot enter a {source.describe()}")
+        data = self.iterators.audit_pass(inode, params.pack(), enter)
+        try:
+            return decode_audit(data)
+        except RecordError as exc:
+            raise BpfUnavailable(f"BPF: {exc}") from exc
