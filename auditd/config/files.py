@@ -22,7 +22,7 @@ class FileMissing(ConfigError):
 MAX_CONFIG_BYTES = 1 << 20
 # A file written in place (``cat > rules.yaml``) passes through states that parse: empty (the
 # built-in defaults) or cut after a rule. A file changed within this many seconds is read
-# only once it has stayed the same for SETTLE_SECONDS.
+# only once it has stayed the same for SETTLE_SECONDS (an empty one: until it is this old).
 RECENT_SECONDS = 1.0
 SETTLE_SECONDS = 0.05
 SETTLE_TRIES = 20
@@ -52,10 +52,18 @@ def read_config_file(path: str) -> bytes:
             now = os.stat(path)
         except OSError:
             now = None  # deleted or renamed away after we read it: what we read is whole
-        if now is None or _identity(now) == identity:
-            if now is None or abs(time.time() - now.st_mtime) > RECENT_SECONDS:
+        if now is None:
+            return data
+        if _identity(now) == identity:
+            age = time.time() - now.st_mtime
+            if abs(age) > RECENT_SECONDS:
                 return data
-            time.sleep(SETTLE_SECONDS)
+            # Just written: whole if it stays the same a while. An empty file (or comments
+            # only) is what truncating before the write leaves, whatever the writer's pace:
+            # it must also be RECENT_SECONDS old, or it would load as the built-in defaults.
+            time.sleep(
+                SETTLE_SECONDS if _has_content(data) else max(SETTLE_SECONDS, RECENT_SECONDS - age)
+            )
             try:
                 if _identity(os.stat(path)) == identity:
                     return data
@@ -64,6 +72,15 @@ def read_config_file(path: str) -> bytes:
         else:
             time.sleep(SETTLE_SECONDS)
     raise ConfigError(one_line(f"{path}: cannot read: it kept changing while being read"))
+
+
+def _has_content(data: bytes) -> bool:
+    """False for what parses as an empty document: blank lines and comments only."""
+    for line in data.splitlines():
+        line = line.strip()
+        if line and not line.startswith(b"#"):
+            return True
+    return False
 
 
 def open_regular_file(path: str) -> int:

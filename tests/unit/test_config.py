@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import threading
 from pathlib import Path
 
 import pytest
@@ -663,6 +664,26 @@ def test_load_rules_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_rules(str(path))
     assert str(info.value).startswith(f"{path}:4: rules[0].ignore: expected true or false")
+
+
+def test_a_file_just_truncated_is_not_read_as_empty(tmp_path: Path) -> None:
+    """``cat > rules.yaml`` truncates, then writes: a reload in between, however long the
+    writer stalls (a loaded host), must not take the empty file for the built-in defaults."""
+    path = tmp_path / "rules.yaml"
+    path.write_text("# the team's rules\n")  # just written: comments only, an empty document
+    writer = threading.Timer(0.3, path.write_text, ("version: 1\nrules:\n  - name: a\n",))
+    writer.start()
+    try:
+        rules = load_rules(str(path))
+    finally:
+        writer.join()
+    assert [r.name for r in rules.rules] == ["a"]
+
+
+def test_an_empty_file_left_alone_is_the_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text("")
+    assert load_rules(str(path)).rules == ()
 
 
 def test_load_rules_missing_file(tmp_path: Path) -> None:
