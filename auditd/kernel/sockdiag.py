@@ -19,7 +19,7 @@ import struct
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import chain, repeat
 from typing import Any
 
 from auditd.errors import KernelError
@@ -177,6 +177,13 @@ def decode(buf: Buffer, stats: DumpStats) -> Iterator[Sock]:
 
     Raises KernelError for an NLMSG_ERROR from the kernel (the dump cannot go on).
     """
+    return chain.from_iterable(_pieces(buf, stats))
+
+
+def _pieces(buf: Buffer, stats: DumpStats) -> Iterator[Iterable[Sock]]:
+    """``decode`` as the runs it unpacks (and single sockets), for ``chain`` to flatten:
+    the consumer of a dump then gets each socket from C, no generator frame resumed per
+    socket."""
     end = len(buf)
     off = 0
     hdr_unpack = NLMSGHDR.unpack_from
@@ -204,21 +211,21 @@ def decode(buf: Buffer, stats: DumpStats) -> Iterator[Sock]:
                 at, alen = _find_info(buf, off, off + length, stats)
                 if not at or alen < 4 + _TI_LEN:
                     stats.messages += 1
-                    yield _slow_sock(buf, off, at, alen)
+                    yield (_slow_sock(buf, off, at, alen),)
                     off += (length + 3) & ~3
                     continue
                 info_at, fast, fast_len = at, _fast_unpacker(at), length
             if length & 3:  # not 4-aligned: no run (never seen; netlink aligns messages)
                 stats.messages += 1
-                yield new(Sock, fast(buf, off + 16))
+                yield (new(Sock, fast(buf, off + 16)),)
                 off += (length + 3) & ~3
                 continue
             count = _run_length(buf, off, end, length, info_at)
             stats.messages += count
             if count == 1:
-                yield new(Sock, fast(buf, off + 16))
+                yield (new(Sock, fast(buf, off + 16)),)
             else:
-                yield from map(new, repeat(Sock), _run_unpacker(info_at, length)(
+                yield map(new, repeat(Sock), _run_unpacker(info_at, length)(
                     buf[off : off + count * length]
                 ))  # fmt: skip
             off += count * length
@@ -294,6 +301,14 @@ def dump(
     The end of each family's dump is the NLMSG_DONE that ``decode`` counts; it may share a
     datagram with the last sockets, so the decoder, not the receive loop, has to see it.
     """
+    return chain.from_iterable(_dump_pieces(stats, families, states, factory))
+
+
+def _dump_pieces(
+    stats: DumpStats, families: Iterable[int], states: Iterable[int], factory: SocketFactory
+) -> Iterator[Iterable[Sock]]:
+    """``dump`` by the pieces of ``_pieces``; the next datagram is read once the sockets of
+    the last one have all been taken."""
     sock = _open(factory)
     view = memoryview(bytearray(RECV_BUFFER))
     state_list = list(states)
@@ -306,7 +321,7 @@ def dump(
                 if not chunk:
                     stats.truncated = True
                     break
-                yield from decode(chunk, stats)
+                yield from _pieces(chunk, stats)
     finally:
         sock.close()
 
