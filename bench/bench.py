@@ -455,7 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=float,
         default=0.0,
         metavar="SECONDS",
-        help="measure the daemon's CPU over this window at a 30s interval (0: skip)",
+        help="measure the daemon's CPU over this window at a 30s interval, its /metrics, "
+        "findings page and API read every 10 s (0: skip)",
     )
     p.add_argument("--idle-timeout", default="1h",
                    help="idle_timeout of the rules used (default 1h, see above)")  # fmt: skip
@@ -598,7 +599,16 @@ def _measure(
         try:
             d.wait_ready()
             c0, w0 = _cpu_seconds(d.proc.pid), time.monotonic()
-            time.sleep(args.daemon_cpu)
+            # Looked at as in production: /metrics scraped (and the findings page and API
+            # read) every 10 s, so each audit's result is rendered once in each view.
+            views = [d.url, d.url.replace("/metrics", "/"),
+                     d.url.replace("/metrics", "/api/v1/findings")]  # fmt: skip
+            end = w0 + args.daemon_cpu
+            while (left := end - time.monotonic()) > 0:
+                time.sleep(min(10.0, left))
+                for url in views:
+                    with urllib.request.urlopen(url, timeout=10) as r:
+                        r.read()
             used = _cpu_seconds(d.proc.pid) - c0
             report["daemon_cpu_percent"] = 100 * used / (time.monotonic() - w0)
         finally:
@@ -644,7 +654,8 @@ def print_report(r: dict[str, Any]) -> None:
               f"p99 {s.get('p99_ms', 0):.1f} ms (target < 20)")  # fmt: skip
     if "daemon_cpu_percent" in r:
         cpu = r["daemon_cpu_percent"]
-        print(f"daemon CPU at a 30 s interval: {cpu:.2f} % of a core (target < 1)")
+        print(f"daemon CPU at a 30 s interval, its views read every 10 s: {cpu:.2f} % of a core "
+              f"(targets <= 1.5 with BPF, <= 3 without)")  # fmt: skip
 
 
 if __name__ == "__main__":
