@@ -236,13 +236,13 @@ class _TimedInspector:
             self.timer.seconds += time.perf_counter() - t0
 
 
-def child_audit(rules_file: str, inspect: bool = False) -> dict[str, Any]:
+def child_audit(rules_file: str, inspect: bool = False, kernel_pass: bool = True) -> dict[str, Any]:
     from prometheus_client import generate_latest
 
     from auditd.audit.run import audit
     from auditd.config import load_rules
     from auditd.exporter import ExporterState, make_registry
-    from auditd.kernel.bpf.exact import BpfAudit, ExactInspector
+    from auditd.kernel.bpf.exact import BpfAudit, BpfKernelAudit, ExactInspector
     from auditd.kernel.bpf.iterators import Iterators
     from auditd.kernel.inspect import SocketInspector
     from auditd.kernel.owners.prescan import FdPrescan
@@ -259,7 +259,9 @@ def child_audit(rules_file: str, inspect: bool = False) -> dict[str, Any]:
     kernel = _timed_kernel(prescan, bpf if bpf.loaded else None)
     scan_child_peak_mb = 0.0
     try:
-        result = audit(rules, [("host", kernel)], inspector=inspector)
+        # As the session does: counts and candidates from the kernel's audit pass.
+        passes = BpfKernelAudit(bpf.iterators) if bpf.loaded and kernel_pass else None
+        result = audit(rules, [("host", kernel)], inspector=inspector, kernel=passes)
     finally:
         if prescan is not None:
             scan_child_peak_mb = _peak_rss_mb(prescan.pid)
@@ -292,6 +294,8 @@ def child_audit(rules_file: str, inspect: bool = False) -> dict[str, Any]:
         "inspection_error": ns.inspection.error if ns.inspection is not None else None,
         "inspection_method": ns.inspection.method if ns.inspection is not None else None,
         "metrics_bytes": len(body),
+        "source": ns.source,
+        "source_note": ns.source_note,
     }
 
 
@@ -476,6 +480,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="M",
         help="with --namespaces: M rules matching nothing (default 0)",
     )
+    p.add_argument("--sock-diag", action="store_true",
+                   help="the audit cycle by the sock_diag dump even when the BPF audit pass "
+                   "loads (the CLI and agent still use it)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)  # fmt: skip
@@ -485,8 +492,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if kind == "holder":
             holder_main(int(args.child[1]), int(args.child[2]), int(args.child[3]))
             return 0
-        inspect = len(args.child) > 2 and args.child[2] == "inspect"
-        out = child_floor() if kind == "floor" else child_audit(args.child[1], inspect)
+        inspect = "inspect" in args.child[2:]
+        kernel_pass = "sockdiag" not in args.child[2:]
+        out = child_floor() if kind == "floor" else child_audit(args.child[1], inspect, kernel_pass)
         print(json.dumps(out))
         return 0
     if args.namespaces:
@@ -539,6 +547,8 @@ def _measure(
     if args.inspect_sockets:
         cli_cmd.append("--inspect-sockets")
         audit_args.append("inspect")
+    if args.sock_diag:
+        audit_args.append("sockdiag")
     for _ in range(args.rounds):
         floor.append(run_child("floor"))
         audits.append(run_child(*audit_args))
@@ -582,6 +592,9 @@ def _measure(
         "cli_process_cpu_s": _median(cli, "cpu"),
         "cli_process_peak_rss_mb": max(c["maxrss_mb"] for c in cli),
         "metrics_bytes": last["metrics_bytes"],
+        "source": last["source"],
+        "source_note": last["source_note"],
+        "cli_source": doc["namespaces"][0]["source"],
     })  # fmt: skip
     report["audit_vs_ss"] = report["audit_wall_s"] / report["ss_wall_s"]
     report["audit_vs_floor"] = report["audit_wall_s"] / report["floor_wall_s"]
@@ -640,6 +653,9 @@ def print_report(r: dict[str, Any]) -> None:
               f"iterator{how})")  # fmt: skip
     else:
         print(f"BPF unavailable, owners by the /proc scan: {r['bpf_note']}")
+    print(f"counted by: {r['source']} in the audit cycle"
+          f"{' (' + r['source_note'] + ')' if r['source_note'] else ''}, {r['cli_source']} "
+          "in the CLI")  # fmt: skip
     print(f"{'ss -tinoe (process)':28}{r['ss_wall_s']:9.3f}{r['ss_cpu_s']:9.3f}")
     print(f"{'audit --format json (proc)':28}{r['cli_process_wall_s']:9.3f}"
           f"{r['cli_process_cpu_s']:9.3f}{r['cli_process_peak_rss_mb']:9.1f}"

@@ -50,7 +50,7 @@ def main(out: Path) -> None:
         sysctls = ns.call(read_sysctls)
         tally = Tally(loosest(bpfmix.RULES), probe_cadence(sysctls.keepalive_time,
                                                            sysctls.keepalive_intvl))  # fmt: skip
-        params = pass_params(tally, sysctls, True).pack()
+        params = pass_params(tally, sysctls, True).general.pack()
         before = _dump(ns)
         data = iters.audit_pass(
             os.stat(ns.path).st_ino, params, lambda fn: netns.call_in_netns(ns.path, fn)

@@ -261,7 +261,8 @@ class _Dumped:
         self.candidates: list[Sock] = []  # with an inspector: the sockets to read options of
         cap = middlebox_cap(sysctls)
         silence = probe_cadence(sysctls.keepalive_time, sysctls.keepalive_intvl)
-        self.tally = Tally(loosest(rules, cap), silence, by_port(rules, cap))
+        self.ports = by_port(rules, cap)
+        self.tally = Tally(loosest(rules, cap), silence, self.ports)
         self.seconds = 0.0
 
     def _sink(self) -> Callable[[Sock], None]:
@@ -279,7 +280,7 @@ class _Dumped:
         if _rule_watcher(self.rules, set()) is not None:
             self.source_note = KERNEL_PASS_NEEDS_EVERY_SOCKET
             return False
-        params = pass_params(self.tally, self.sysctls, self.exact)
+        params = pass_params(self.tally, self.sysctls, self.exact, self.ports)
         try:
             out = kernel.audit_pass(source, params)
         except AuditdError as exc:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Collection, Iterator
 from typing import Protocol, TypeVar
 
 from auditd.kernel import netns, procfs, sockdiag
-from auditd.kernel.bpf.records import AuditOutput, AuditParams
+from auditd.kernel.bpf.records import AuditOutput, PassParams
 from auditd.kernel.netns import NamespaceRef
 from auditd.kernel.owners.attribution import OwnerFinder
 from auditd.kernel.owners.scan import OwnerScan
@@ -55,7 +55,7 @@ class KernelAudit(Protocol):
     ``Tally`` would count over the dump, and only the sockets its pre-filter keeps, as full
     records, instead of every socket."""
 
-    def audit_pass(self, source: KernelSource, params: AuditParams) -> AuditOutput:
+    def audit_pass(self, source: KernelSource, params: PassParams) -> AuditOutput:
         """One pass over ``source``'s namespace; raises AuditdError (BpfUnavailable,
         KernelError) when it cannot serve, and the audit then dumps by sock_diag."""
         ...

@@ -64,7 +64,17 @@ struct audit_params {
 	__u32 bounds[BUCKETS]; /* ms */
 	__u8 slow_defaults;
 	__u8 exact;
-	__u8 pad[6];
+	__u8 ported; /* the map "ports" has thresholds for some ports of this namespace */
+	__u8 pad[5];
+};
+
+/* The thresholds of the rules filed under one port (tally.by_port): a socket the general
+ * thresholds drop is kept when those of its remote or local port keep it. */
+struct port_key {
+	__u32 netns;
+	__u16 port_raw; /* network order, as audit_rec.sport_raw */
+	__u8 remote;    /* 1: the socket's remote port, 0: its local port */
+	__u8 pad;
 };
 
 struct audit_agg {
@@ -119,6 +129,13 @@ struct {
 	__type(key, __u32);
 	__type(value, struct audit_params);
 } params SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct port_key);
+	__type(value, struct audit_params);
+} ports SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH); /* a pass never finished leaves its entry to LRU */
@@ -210,6 +227,24 @@ static __always_inline struct audit_agg *agg_of(__u64 session)
 	return bpf_map_lookup_elem(&aggs, &session);
 }
 
+/* Tally._keeps (ESTABLISHED) and Tally._keeps_other (CLOSE_WAIT; no other state). */
+static __always_inline int keeps(const struct audit_params *p, const struct audit_rec *r,
+				 __u64 heard, __u64 idle)
+{
+	if (r->state == CLOSE_WAIT && heard >= p->close_wait_ms)
+		return 1;
+	if (r->state != ESTABLISHED && r->state != CLOSE_WAIT)
+		return 0;
+	if (r->timer == 0)
+		return r->state == ESTABLISHED && idle >= p->warn_ms;
+	if (r->timer == 2)
+		return r->retrans > 0 ||
+		       (idle >= p->warn_ms && (p->slow_defaults || heard + r->expires_ms >= p->probe_ms));
+	if (r->timer == 1 || r->timer == 4)
+		return r->retrans >= p->retransmits;
+	return 0;
+}
+
 /* tally._could_flag_exact, over a record's options. */
 static __always_inline int could_flag_exact(const struct audit_params *p,
 					    const struct audit_rec *r, __u64 heard, __u64 idle)
@@ -235,6 +270,27 @@ static __always_inline int could_flag_exact(const struct audit_params *p,
 	if (r->timer == 1 || r->timer == 4)
 		return r->retrans >= p->retransmits;
 	return 0;
+}
+
+/* The thresholds of the rules filed under the socket's remote, then local, port. */
+static __always_inline const struct audit_params *port_params(__u32 ns, const struct audit_rec *r,
+							       int remote)
+{
+	struct port_key key = { .netns = ns, .remote = remote };
+
+	key.port_raw = remote ? r->dport_raw : r->sport_raw;
+	return bpf_map_lookup_elem(&ports, &key);
+}
+
+static __always_inline int ported(__u32 ns, const struct audit_rec *r, __u64 heard, __u64 idle,
+				  int exact)
+{
+	const struct audit_params *q = port_params(ns, r, 1);
+
+	if (q && (exact ? could_flag_exact(q, r, heard, idle) : keeps(q, r, heard, idle)))
+		return 1;
+	q = port_params(ns, r, 0);
+	return q && (exact ? could_flag_exact(q, r, heard, idle) : keeps(q, r, heard, idle));
 }
 
 SEC("iter/tcp")
@@ -315,27 +371,19 @@ int keepalive_audit(struct bpf_iter__tcp *ctx)
 	r.rtt_us = tp->srtt_us >> 3;
 	r.total_retrans = tp->total_retrans;
 	r.state = state;
+	r.sport_raw = bpf_htons(skc->skc_num);
+	r.dport_raw = skc->skc_dport;
 
 	heard = r.last_data_recv_ms < r.last_ack_recv_ms ? r.last_data_recv_ms : r.last_ack_recv_ms;
 	idle = heard < r.last_data_sent_ms ? heard : r.last_data_sent_ms;
-	/* Tally.run and Tally._keeps_other */
-	if (state == ESTABLISHED || state == CLOSE_WAIT) {
-		if (r.timer == 0) {
-			k = KA_OFF;
-			keep = state == ESTABLISHED && idle >= p->warn_ms;
-		} else if (r.timer == 2) {
-			k = KA_ON;
-			keep = r.retrans > 0 || (idle >= p->warn_ms &&
-				(p->slow_defaults || heard + r.expires_ms >= p->probe_ms));
-		} else {
-			k = KA_UNKNOWN;
-			keep = (r.timer == 1 || r.timer == 4) && r.retrans >= p->retransmits;
-		}
-		if (state == CLOSE_WAIT && heard >= p->close_wait_ms)
-			keep = 1;
-	} else {
+	/* keepalive_status from the timer, and Tally.run's pre-filter */
+	if (state == ESTABLISHED || state == CLOSE_WAIT)
+		k = r.timer == 0 ? KA_OFF : r.timer == 2 ? KA_ON : KA_UNKNOWN;
+	else
 		k = KA_UNKNOWN;
-	}
+	keep = keeps(p, &r, heard, idle);
+	if (!keep && p->ported)
+		keep = ported(ns, &r, heard, idle, 0);
 
 	r.ino = sock_ino(sk);
 	r.keepalive_time = tp->keepalive_time;
@@ -354,8 +402,11 @@ int keepalive_audit(struct bpf_iter__tcp *ctx)
 			agg->inspected++;
 			r.flags |= REC_READ;
 		}
-		if (!keep && may_need && (state == ESTABLISHED || state == CLOSE_WAIT))
+		if (!keep && may_need && (state == ESTABLISHED || state == CLOSE_WAIT)) {
 			extra = could_flag_exact(p, &r, heard, idle);
+			if (!extra && p->ported)
+				extra = ported(ns, &r, heard, idle, 1);
+		}
 	}
 
 	if (state < 16 && k < 3)
@@ -373,8 +424,6 @@ int keepalive_audit(struct bpf_iter__tcp *ctx)
 	r.flags |= keep ? REC_KEPT : REC_EXTRA;
 	r.cookie = bpf_get_socket_cookie(tp);
 	r.family = skc->skc_family;
-	r.sport_raw = bpf_htons(skc->skc_num);
-	r.dport_raw = skc->skc_dport;
 	if (r.family == 10) {
 		BPF_CORE_READ_INTO(&r.src, skc, skc_v6_rcv_saddr);
 		BPF_CORE_READ_INTO(&r.dst, skc, skc_v6_daddr);

@@ -19,8 +19,8 @@ from auditd.errors import AuditdError, BpfUnavailable
 from auditd.kernel.bpf.iterators import Iterators
 from auditd.kernel.bpf.records import (
     AuditOutput,
-    AuditParams,
     OwnerTable,
+    PassParams,
     RecordError,
     SocketTable,
     decode_audit,
@@ -190,11 +190,13 @@ class BpfKernelAudit:
     def __init__(self, iterators: Iterators) -> None:
         self.iterators = iterators
 
-    def audit_pass(self, source: KernelSource, params: AuditParams) -> AuditOutput:
+    def audit_pass(self, source: KernelSource, params: PassParams) -> AuditOutput:
         enter, inode = source.enter(), source.netns_inode()
         if enter is None or inode is None:
             raise BpfUnavailable(f"BPF: cannot enter a {source.describe()}")
-        data = self.iterators.audit_pass(inode, params.pack(), enter)
+        data = self.iterators.audit_pass(
+            inode, params.general.pack(), enter, params.port_entries(inode)
+        )
         try:
             return decode_audit(data)
         except RecordError as exc:

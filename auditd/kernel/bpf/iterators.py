@@ -18,7 +18,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from auditd.errors import BpfUnavailable
 from auditd.kernel.bpf.libbpf import BpfObject, Libbpf, Link, read_iter, system_libbpf
@@ -145,21 +145,32 @@ class Iterators:
             return self._audit
 
     def audit_pass(
-        self, netns_inode: int, params: bytes, enter: Callable[[Callable[[], int]], int] = _here
+        self,
+        netns_inode: int,
+        params: bytes,
+        enter: Callable[[Callable[[], int]], int] = _here,
+        ports: Sequence[tuple[bytes, bytes]] = (),
     ) -> bytes:
         """One audit pass over the namespace ``enter`` runs its function in, whose inode is
-        ``netns_inode``, under ``params`` (a packed ``struct audit_params``). Passes of one
+        ``netns_inode``, under ``params`` (a packed ``struct audit_params``) and the
+        thresholds by port ``ports`` (keys and values of the map "ports"). Passes of one
         namespace take turns (its parameters are keyed by its inode); others overlap."""
         obj, link = self._ensure_audit()
         key = struct.pack("=I", netns_inode)
         with self._lock:
             ns_lock = self._ns_locks.setdefault(netns_inode, threading.Lock())
         with ns_lock:
-            obj.map_update("params", key, params)
+            written: list[bytes] = []
             try:
+                for port_key, value in ports:
+                    obj.map_update("ports", port_key, value)
+                    written.append(port_key)
+                obj.map_update("params", key, params)
                 return read_iter(enter(link.iter_fd))
             finally:
                 obj.map_delete("params", key)
+                for port_key in written:
+                    obj.map_delete("ports", port_key)
 
     def close(self) -> None:
         with self._lock:

@@ -174,7 +174,9 @@ class OwnerTable:
 
 
 # The audit pass (audit.bpf.c): struct audit_params, struct audit_rec, struct audit_agg.
-AUDIT_PARAMS = struct.Struct("=3Q2I3I9I2B6x")
+AUDIT_PARAMS = struct.Struct("=3Q2I3I9I3B5x")
+# struct port_key: netns inode, raw port (as Sock.sport_raw), 1 for the remote port.
+PORT_KEY = struct.Struct("=IHBx")
 AUDIT_REC = struct.Struct("=QQ16s16s15IHH4B4B2B6x")
 AUDIT_AGG = struct.Struct("=4Q48I30I4I")
 AGG_MAGIC = 0x6B61616767726567
@@ -197,6 +199,7 @@ class AuditParams:
     bounds_ms: tuple[int, ...]
     slow_defaults: bool
     exact: bool
+    ported: bool = False  # thresholds by port follow (``PassParams.ports``)
 
     def pack(self) -> bytes:
         u32, u64 = 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
@@ -210,8 +213,24 @@ class AuditParams:
             c(self.warn_ms, u64), c(self.probe_ms, u64), c(self.close_wait_ms, u64),
             c(self.retransmits, u32), c(self.cadence_min, u32), c(self.sys_idle, u32),
             c(self.sys_intvl, u32), c(self.sys_cnt, u32),
-            *(c(b, u32) for b in self.bounds_ms), self.slow_defaults, self.exact,
+            *(c(b, u32) for b in self.bounds_ms), self.slow_defaults, self.exact, self.ported,
         )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class PassParams:
+    """A pass's thresholds: the general ones, and those of the rules filed under a port
+    (raw port as ``Sock.sport_raw`` holds it, True for the remote port)."""
+
+    general: AuditParams
+    ports: tuple[tuple[int, bool, AuditParams], ...] = ()
+
+    def port_entries(self, netns_inode: int) -> list[tuple[bytes, bytes]]:
+        """(key, value) of the map "ports" for this pass's namespace."""
+        return [
+            (PORT_KEY.pack(netns_inode, raw, remote), params.pack())
+            for raw, remote, params in self.ports
+        ]
 
 
 @dataclass(frozen=True, slots=True)
