@@ -294,7 +294,10 @@ class _Dumped:
             if self.exact and sock.inode:
                 self.options[sock.inode] = rec.options(self.sysctls)
             if rec.flags & REC_KEPT:
-                keep(sock)
+                # The kernel ran the loosest thresholds; the rules' ports narrow them (one
+                # tight rule for one port had every idle socket judged: tally.by_port).
+                if self.exact or self.tally.keeps(sock):
+                    keep(sock)
             elif rec.flags & REC_EXTRA:
                 self.extra.append(sock)
         self.read = agg.inspected

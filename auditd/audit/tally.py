@@ -220,6 +220,13 @@ class Tally:
                 visit(sock)
         self.total += total
 
+    def keeps(self, sock: Sock) -> bool:
+        """The pass's pre-filter (by port, when ``ports`` were given) on one socket, for
+        sockets counted elsewhere: a kernel pass that ran the loosest thresholds alone."""
+        return self._general._keeps(sock) or (
+            bool(self._remote or self._local) and self._keeps_ported(sock)
+        )
+
     def _keeps_ported(self, sock: Sock) -> bool:
         """The pre-filter under the thresholds of the rules filed under the socket's ports."""
         sub = self._remote.get(sock.dport_raw)

@@ -622,6 +622,7 @@ def _kept_by_port(sock: Sock, rules: RuleSet, s: Sysctls) -> bool:
                   by_port(rules, cap))  # fmt: skip
     kept: list[Sock] = []
     tally.run((sock,), kept.append, None)
+    assert tally.keeps(sock) is bool(kept)  # the same pre-filter, for a kernel pass's records
     return bool(kept)
 
 
