@@ -10,9 +10,12 @@ sending wrong passwords kept the agent at 95 % CPU and the real scraper's p99 at
   it), and looked up before anything else: the authorized scraper never waits for a bcrypt.
   Only a correct password enters that cache, so no flood of wrong ones can evict it; wrong
   ones have a cache of their own (a repeated guess costs no bcrypt).
-- bcrypt runs on at most ``workers`` threads at once (half the CPUs: the other half serves),
-  with at most ``queue_limit`` checks waiting; beyond that a request gets 503 at once. Checks
-  of the same credentials at the same time share one bcrypt.
+- bcrypt runs on ``workers`` threads of its own (half the CPUs: the other half serves), with
+  at most ``queue_limit`` checks waiting; beyond that a request gets 503 at once. Checks of
+  the same credentials at the same time share one bcrypt. Those threads run at the lowest
+  priority (nice 19): when the CPUs are busy, the threads that serve requests, the
+  authorized scraper's among them, run first. bcrypt (the package) releases the GIL while it
+  hashes (two checks on two threads take the time of one), so a check holds up no Python code.
 - An address that sent ``FREE_FAILURES`` wrong credentials in a row waits, doubling from
   ``BACKOFF_FIRST`` to ``BACKOFF_MAX`` seconds, and meanwhile gets 429 without a bcrypt (IPv6
   by /64: a host has that many addresses).
@@ -27,10 +30,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import ipaddress
 import os
+import queue
 import secrets
 import threading
 import time
@@ -48,6 +53,7 @@ BACKOFF_FIRST = 0.5  # seconds
 BACKOFF_MAX = 60.0
 QUEUE_LIMIT = 8
 WORKERS = max(1, (os.cpu_count() or 2) // 2)
+CHECK_NICE = 19  # the password-check threads' nice value: the lowest priority
 _UNKNOWN = b"unknown user"  # in the cache key of a user not configured
 
 
@@ -71,7 +77,7 @@ class BasicAuth:
         self._granted: OrderedDict[bytes, None] = OrderedDict()
         self._denied: OrderedDict[bytes, None] = OrderedDict()
         self._lock = threading.Lock()  # the caches, the flights, the counters; never a bcrypt
-        self._slots = threading.Semaphore(workers)
+        self._workers = _Workers(workers)
         self._capacity = workers + queue_limit
         self._pending = 0
         self._flights: dict[bytes, _Flight] = {}
@@ -131,8 +137,7 @@ class BasicAuth:
             flight.done.wait()
             return flight.ok
         try:
-            with self._slots:
-                flight.ok = _checkpw(password, hashed)
+            self._workers.run(password, hashed, flight)
             self._remember(key, flight.ok)
         finally:
             with self._lock:
@@ -155,6 +160,39 @@ class _Flight:
     def __init__(self) -> None:
         self.done = threading.Event()
         self.ok = False
+
+
+class _Workers:
+    """The threads that run bcrypt, started when first needed, at nice ``CHECK_NICE``."""
+
+    def __init__(self, count: int) -> None:
+        self._count = count
+        self._started = 0
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[tuple[bytes, bytes, _Flight]] = queue.SimpleQueue()
+
+    def run(self, password: bytes, hashed: bytes, flight: _Flight) -> None:
+        """Sets ``flight.ok`` and ``flight.done``, on one of the workers; returns then."""
+        with self._lock:
+            start = self._started < self._count
+            self._started += start
+        if start:
+            threading.Thread(target=self._work, name="bcrypt", daemon=True).start()
+        self._jobs.put((password, hashed, flight))
+        flight.done.wait()
+
+    def _work(self) -> None:
+        # This thread only: on Linux a thread id is a PRIO_PROCESS target of its own. If it
+        # cannot be lowered (a seccomp filter?), the checks are still bounded.
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CHECK_NICE)
+        while True:
+            password, hashed, flight = self._jobs.get()
+            try:
+                flight.ok = _checkpw(password, hashed)
+            except Exception:  # a bug: the answer is no, and the worker stays
+                flight.ok = False
+            flight.done.set()
 
 
 class _Decoys:

@@ -374,6 +374,21 @@ def test_password_checks_beyond_the_queue_are_refused_at_once(
         assert [f.result().name for f in [*held, twin]] == ["DENIED"] * 4
 
 
+def test_password_checks_run_on_threads_of_the_lowest_priority() -> None:
+    before = os.getpriority(os.PRIO_PROCESS, 0)  # 0: this thread
+    auth = BasicAuth(workers=2)
+    users = {"prometheus": bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4))}
+    checks = [basic_auth("prometheus", f"guess {i}")["Authorization"] for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        assert not any(pool.map(lambda h: auth.check(users, h), checks))
+    mine = auth._workers._count
+    workers = [t for t in threading.enumerate() if t.name == "bcrypt"]
+    assert len(workers) >= mine == 2
+    niceness = {os.getpriority(os.PRIO_PROCESS, t.native_id or 0) for t in workers}
+    assert niceness == {auth_module.CHECK_NICE}
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the threads that serve: unchanged
+
+
 # --- a real agent -------------------------------------------------------------------------
 
 
