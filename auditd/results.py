@@ -57,6 +57,19 @@ def attribution_note(namespaces: Iterable[NamespaceReport]) -> str | None:
     )
 
 
+# NamespaceReport.source_note when the rules, not a failure, kept the kernel's pass out.
+NEEDS_EVERY_SOCKET = "a rule with a detection_budget of its own must see every ESTABLISHED socket"
+
+
+def kernel_pass_note(namespaces: Iterable[NamespaceReport]) -> str | None:
+    """Why the BPF audit pass failed to serve some namespace (the dump counted it), or None;
+    not when the rules asked for the dump."""
+    for ns in namespaces:
+        if ns.source != "bpf" and ns.source_note and ns.source_note != NEEDS_EVERY_SOCKET:
+            return f"sockets counted by sock_diag, not the BPF audit pass: {ns.source_note}"
+    return None
+
+
 def bpf_note(namespaces: Iterable[NamespaceReport]) -> str | None:
     """Why exact mode read some namespace's options by pidfd_getfd, not BPF, or None."""
     for ns in namespaces:

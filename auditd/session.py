@@ -34,6 +34,7 @@ from auditd.results import (
     attribution_note,
     bpf_note,
     inspection_error,
+    kernel_pass_note,
 )
 
 # The namespaces to audit: (name, source) pairs, each source given its owner lookups.
@@ -89,7 +90,8 @@ class AuditRun:
         namespaces = self.result.namespaces
         exact = bpf_note(namespaces) if self.inspect_sockets else None
         for note in (netns_note(self.result.skipped_namespaces), inspection_error(namespaces),
-                     attribution_note(namespaces), exact):  # fmt: skip
+                     attribution_note(namespaces), exact,
+                     kernel_pass_note(namespaces)):  # fmt: skip
             if note is not None:
                 notes.append(note)
         return notes

@@ -43,6 +43,7 @@ from auditd.model import (
 from auditd.results import (
     DEFAULT_MAX_FINDINGS,
     HOST_NETNS,
+    NEEDS_EVERY_SOCKET,
     AuditResult,
     Inspection,
     NamespaceReport,
@@ -53,9 +54,7 @@ from auditd.results import (
 _SEVERITY_LABELS = {s: s.label for s in Severity}
 # NamespaceReport.source: what counted the namespace's sockets and found its candidates.
 SOCK_DIAG, BPF_SOURCE = "sock_diag", "bpf"
-KERNEL_PASS_NEEDS_EVERY_SOCKET = (
-    "a rule with a detection_budget of its own must see every ESTABLISHED socket"
-)
+KERNEL_PASS_NEEDS_EVERY_SOCKET = NEEDS_EVERY_SOCKET
 
 
 class _Judged:

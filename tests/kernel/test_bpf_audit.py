@@ -37,7 +37,7 @@ from auditd.kernel.netns import NamespaceRef
 from auditd.kernel.procfs import read_sysctls
 from auditd.kernel.sources import KernelAudit
 from auditd.model import Finding, Sock, Sysctls, TcpState
-from auditd.results import NamespaceReport
+from auditd.results import NamespaceReport, kernel_pass_note
 
 pytestmark = pytest.mark.kernel
 
@@ -221,6 +221,7 @@ def test_rules_with_their_own_budget_get_the_dump(lab: netlab.Lab, iters: Iterat
     report, _ = _audit(mix.a, False, BpfKernelAudit(iters), rules)
     assert report.source == "sock_diag"
     assert report.source_note == KERNEL_PASS_NEEDS_EVERY_SOCKET
+    assert kernel_pass_note([report]) is None  # asked for by the rules: no note
 
 
 def test_a_pass_that_fails_falls_back_to_the_dump(lab: netlab.Lab, tmp_path: Path) -> None:
@@ -236,6 +237,9 @@ def test_a_pass_that_fails_falls_back_to_the_dump(lab: netlab.Lab, tmp_path: Pat
         broken.close()
     assert report.source == "sock_diag"
     assert report.source_note is not None and "audit.bpf.o" in report.source_note
+    assert kernel_pass_note([report]) == (
+        f"sockets counted by sock_diag, not the BPF audit pass: {report.source_note}"
+    )
     by_diag, _ = _audit(mix.a, False, None)
     assert report.finding_counts == by_diag.finding_counts and findings
 

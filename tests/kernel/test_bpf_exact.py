@@ -104,6 +104,7 @@ def test_cli_json_equals_getsockopt_in_two_namespaces(lab: netlab.Lab, config: P
         (ns_doc,) = doc["namespaces"]
         assert ns_doc["inspection"]["method"] == "bpf", err
         assert ns_doc["inspection"]["note"] is None and "not BPF" not in err
+        assert (ns_doc["source"], ns_doc["source_note"]) == ("bpf", None)  # the audit pass
         assert _check_findings(doc, zoo, "bpf") == 14
         assert ns_doc["sockets"]["by_keepalive"]["unknown"] == 0
     # the tuned namespace's defaults reached the findings of sockets that set nothing
@@ -121,6 +122,7 @@ def _fallback(lab: netlab.Lab, config: Path, *wrap: str, shell: str | None = Non
     (ns_doc,) = doc["namespaces"]
     assert ns_doc["inspection"]["method"] == "pidfd"
     assert _check_findings(doc, zoo, "pidfd") == 14  # exact all the same, by pidfd_getfd
+    assert ns_doc["source"] == "sock_diag"  # no audit pass either: the dump counted
     notes = [line for line in err.splitlines() if "not BPF" in line]
     assert len(notes) == 1 and notes[0] == (
         "keepalive-auditd: note: exact options by pidfd_getfd, not BPF: "
