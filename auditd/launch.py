@@ -15,10 +15,11 @@ import sys
 
 
 def entry() -> None:
-    from auditd.kernel.owners.spawn import child_command, spawn_scan
+    from auditd.kernel.owners.spawn import bpf_likely, child_command, spawn_scan
 
     argv = sys.argv[1:]
-    child = spawn_scan(child_command()) if argv[:1] == ["audit"] else None
+    # With BPF about to load, the owner iterator attributes in one pass: no child then.
+    child = spawn_scan(child_command()) if argv[:1] == ["audit"] and not bpf_likely() else None
     from auditd import cli
     from auditd.kernel.owners.prescan import FdPrescan
 
