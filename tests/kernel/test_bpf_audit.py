@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +42,7 @@ from auditd.results import NamespaceReport, kernel_pass_note
 
 pytestmark = pytest.mark.kernel
 
+DATA = Path(__file__).parent.parent / "data" / "bpf"
 AGE_FIELDS = ("expires_ms", "last_data_sent_ms", "last_data_recv_ms", "last_ack_recv_ms")
 JIFFY_MS = 8  # two jiffies at HZ=250: the pass and the dumps round "now" apart
 
@@ -162,10 +164,14 @@ def test_no_parameters_no_counts(lab: netlab.Lab, iters: Iterators) -> None:
 
 
 def _audit(
-    ns: netlab.Netns, exact: bool, kernel: KernelAudit | None, rules: RuleSet = bpfmix.RULES
+    ns: netlab.Netns,
+    exact: bool,
+    kernel: KernelAudit | None,
+    rules: RuleSet = bpfmix.RULES,
+    iterators: Iterators | None = None,
 ) -> tuple[NamespaceReport, list[Finding]]:
     st = os.stat(ns.path)
-    bpf = BpfAudit(Iterators())
+    bpf = BpfAudit(iterators or Iterators())
     finder = Attribution(bpf=bpf).finder(ns.name)
     source = NamespaceKernel(NamespaceRef(st.st_dev, st.st_ino, ns.path, ns.name), owners=finder)
     inspector = ExactInspector(bpf, SocketInspector()) if exact else None
@@ -263,3 +269,26 @@ def test_thresholds_by_port_in_the_kernel(lab: netlab.Lab, iters: Iterators, exa
     assert _facts(found_bpf) == _facts(found_diag)
     idle = {(f.rule, f.remote) for f in found_bpf if f.kind == "idle_no_keepalive"}
     assert idle == {("tight", f"127.0.0.1:{port}")}  # nothing else idle for an hour
+
+
+def test_a_verifier_refusal_of_the_pass_keeps_the_other_iterators(
+    lab: netlab.Lab, tmp_path: Path
+) -> None:
+    """The verifier refuses the audit pass alone: the dump counts, and exact mode still
+    reads every socket's options by the socket iterator."""
+    subprocess.run(["clang", "-target", "bpf", "-O2", "-g", f"-I{OBJECT_DIR}",
+                    "-Drefused=keepalive_audit", "-c", str(DATA / "refused.bpf.c"), "-o",
+                    str(tmp_path / "audit.bpf.o")], check=True)  # fmt: skip
+    for name in ("sockets.bpf.o", "owners.bpf.o"):
+        shutil.copy(os.path.join(OBJECT_DIR, name), tmp_path / name)
+    mix = bpfmix.build(lab)
+    refusing = Iterators(directory=str(tmp_path))
+    try:
+        report, findings = _audit(mix.a, True, BpfKernelAudit(refusing), iterators=refusing)
+    finally:
+        refusing.close()
+    assert report.source == "sock_diag"
+    assert report.source_note is not None and "loading audit.bpf.o" in report.source_note
+    assert "invalid mem access" in report.source_note  # the verifier's own words
+    assert report.inspection is not None and report.inspection.method == "bpf"
+    assert {f.options_source for f in findings if f.local} == {"bpf"}
