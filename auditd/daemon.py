@@ -37,7 +37,7 @@ from auditd.httpserver import MAX_CONNECTIONS
 from auditd.kernel.limits import netns_note
 from auditd.model import AUDIT_STAGES, Severity, Stage
 from auditd.notify import Notifier, watchdog_interval
-from auditd.results import DEFAULT_MAX_FINDINGS, AuditResult, inspection_error
+from auditd.results import DEFAULT_MAX_FINDINGS, AuditResult, inspection_error, kernel_pass_note
 from auditd.session import AuditOptions, AuditSession, Namespaces
 from auditd.signals import Signals
 
@@ -111,6 +111,7 @@ class Daemon:
         self._skipped: set[str] = set()  # namespaces skipped by the last audit
         self._inspection_error: str | None = None
         self._bpf_note: str | None = None
+        self._kernel_pass_note: str | None = None
         self.aborts = AbortWatch(log)  # the kernel's abort events: a thread of its own
 
     # -- state -------------------------------------------------------------------------
@@ -184,6 +185,8 @@ class Daemon:
             return None
         result = run.result
         self._note_bpf(run.bpf)
+        served = any(ns.source == "bpf" for ns in result.namespaces)
+        self._note_kernel_pass(kernel_pass_note(result.namespaces), served)
         self._settle(run.problems)
         self._count_skipped(result)
         self._note_inspection(inspection_error(result.namespaces))
@@ -208,6 +211,17 @@ class Daemon:
         elif note is None and self._bpf_note is not None:
             self.log.info("BPF iterators working again")
         self._bpf_note = note
+
+    def _note_kernel_pass(self, note: str | None, served: bool) -> None:
+        """The BPF audit pass failing while the other iterators load (a verifier refusing it
+        alone, its object unreadable): logged once when that starts, once when it serves."""
+        if note is not None and self._kernel_pass_note is None:
+            self.log.warning("BPF audit pass unavailable, sockets counted by sock_diag",
+                             extra={"error": note})  # fmt: skip
+        elif note is None and self._kernel_pass_note is not None and served:
+            self.log.info("BPF audit pass working again")
+        if note is not None or served:
+            self._kernel_pass_note = note
 
     def _note_inspection(self, error: str | None) -> None:
         """Socket inspection off (no CAP_SYS_PTRACE, old kernel): logged when that starts."""

@@ -4,6 +4,8 @@ handed over against the pre-filter's, in both modes (see tests/bpfmix.py for the
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import shutil
 import socket
@@ -16,11 +18,13 @@ import bpfmix
 import netlab
 import pytest
 
+from auditd import logs
 from auditd.audit.inference import keepalive_status, probe_cadence
 from auditd.audit.kernelpass import pass_params
 from auditd.audit.run import KERNEL_PASS_NEEDS_EVERY_SOCKET, _may_need_options, audit_namespace
 from auditd.audit.tally import Tally, could_flag, loosest
 from auditd.config import RuleSet, parse_rules
+from auditd.daemon import Daemon, DaemonOptions
 from auditd.kernel import Attribution, NamespaceKernel, netns, sockdiag
 from auditd.kernel.bpf.exact import BpfAudit, BpfKernelAudit, ExactInspector
 from auditd.kernel.bpf.iterators import OBJECT_DIR, Iterators
@@ -39,6 +43,7 @@ from auditd.kernel.procfs import read_sysctls
 from auditd.kernel.sources import KernelAudit
 from auditd.model import Finding, Sock, Sysctls, TcpState
 from auditd.results import NamespaceReport, kernel_pass_note
+from auditd.session import local_sources
 
 pytestmark = pytest.mark.kernel
 
@@ -292,3 +297,25 @@ def test_a_verifier_refusal_of_the_pass_keeps_the_other_iterators(
     assert "invalid mem access" in report.source_note  # the verifier's own words
     assert report.inspection is not None and report.inspection.method == "bpf"
     assert {f.options_source for f in findings if f.local} == {"bpf"}
+
+
+def test_agent_logs_a_failing_pass_once_and_its_recovery_once(tmp_path: Path) -> None:
+    out = io.StringIO()
+    daemon = Daemon(DaemonOptions(None), local_sources, logs.setup("info", "json", out))
+    for name in ("sockets.bpf.o", "owners.bpf.o"):  # no audit.bpf.o: the pass cannot load
+        shutil.copy(os.path.join(OBJECT_DIR, name), tmp_path / name)
+    daemon.session.iterators = Iterators(directory=str(tmp_path), retry_seconds=0)
+    for _ in range(3):
+        result = daemon.audit_once()
+        assert result is not None and result.namespaces[0].source == "sock_diag"
+    shutil.copy(os.path.join(OBJECT_DIR, "audit.bpf.o"), tmp_path / "audit.bpf.o")
+    for _ in range(2):
+        result = daemon.audit_once()
+        assert result is not None and result.namespaces[0].source == "bpf"
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    failed = [
+        e for e in events if e["msg"] == "BPF audit pass unavailable, sockets counted by sock_diag"
+    ]
+    assert len(failed) == 1 and "audit.bpf.o" in failed[0]["error"]
+    assert [e["msg"] for e in events].count("BPF audit pass working again") == 1
+    assert not any(e["msg"].startswith("BPF iterators unavailable") for e in events)
