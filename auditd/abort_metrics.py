@@ -62,3 +62,14 @@ class AbortCollector(Collector):
         )
         up.add_metric([], 0 if state.error is not None else 1)
         yield up
+        source = GaugeMetricFamily(
+            "keepalive_events_source",
+            "1 for where the agent reads abort events from: bpf (a tp_btf program, which reads "
+            "the socket's namespace, cookie and settings at the abort) or perf (perf_event_open "
+            "on the tracepoints, when the program does not load); 0 for the other, both 0 while "
+            "events are off.",
+            labels=["source"],
+        )
+        for name in ("bpf", "perf"):
+            source.add_metric([name], 1 if state.source == name else 0)
+        yield source

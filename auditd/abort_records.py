@@ -1,10 +1,13 @@
 """Aborts made readable: matched against the last audit, classified, given an owner. Pure.
 
-An abort event knows its 4-tuple only. ``AbortIndex`` remembers, from the audits, the
-connections a finding was open for (by local and remote address): their namespace, owner,
-rule, and when a finding was first reported. An abort that matches one was ``predicted``.
-A connection that left the audit is kept until the end of the audit that no longer saw it:
-the one the abort itself may have emptied.
+An abort from the perf path knows its 4-tuple only; one from BPF also its socket's inode and
+namespace. ``AbortIndex`` remembers, from the audits, the connections a finding was open for
+(by socket inode, and by local and remote address): their namespace, owner, rule, and when a
+finding was first reported. An abort that matches one was ``predicted``. A connection that
+left the audit is kept until the end of the audit that no longer saw it: the one the abort
+itself may have emptied. (The audits' findings carry the socket inode, not the cookie:
+sock_diag's ``idiag_cookie`` is not kept by the dump's decoder, so the inode, as unique on a
+host while the socket lives, is what a BPF abort is matched by.)
 """
 
 from __future__ import annotations
@@ -47,8 +50,10 @@ class AbortIndex:
 
     def __init__(self) -> None:
         self.known: dict[tuple[str, str], Known] = {}
+        self.by_inode: dict[int, tuple[str, str]] = {}
         self.sysctls: dict[str, Sysctls] = {}
         self.namespaces: tuple[str, ...] = ()
+        self.netns_names: dict[int, str] = {}  # namespace inode -> name, of the audits
         self.rules: tuple[str, ...] = ()
 
     def update(self, result: AuditResult) -> None:
@@ -64,13 +69,23 @@ class AbortIndex:
             if key not in seen and old.until is None:
                 seen[key] = replace(old, until=end)  # the abort may be why it is gone
         self.known = seen
+        self.by_inode = {k.inode: key for key, k in seen.items() if k.inode}
         self.sysctls = {ns.netns: ns.sysctls for ns in result.namespaces}
         self.namespaces = tuple(ns.netns for ns in result.namespaces)
+        self.netns_names.update({ns.inode: ns.netns for ns in result.namespaces if ns.inode})
 
-    def find(self, local: str, remote: str, when: float) -> Known | None:
-        known = self.known.get((local, remote))
+    def find(
+        self, local: str, remote: str, when: float,
+        inode: int | None = None, netns: str | None = None,
+    ) -> Known | None:  # fmt: skip
+        """By the socket's inode when the abort has one and an audit saw it, else by the
+        4-tuple (in namespace ``netns`` when the abort says which)."""
+        key = self.by_inode.get(inode) if inode else None
+        known = self.known.get(key or (local, remote))
         if known is None or (known.until is not None and when > known.until):
             return None
+        if key is None and netns is not None and known.netns != netns:
+            return None  # the same addresses in another namespace
         return known
 
 
@@ -100,7 +115,9 @@ class AbortRecord:
     keepintvl: int | None = None
     keepcnt: int | None = None
     user_timeout_ms: int | None = None
-    settings: str | None = None  # "socket" (read at the abort), "netns" (its sysctls), None
+    # "kernel" (read from the socket by BPF at the abort), "socket" (getsockopt on its
+    # owner's fd after it), "netns" (its namespace's sysctls), None
+    settings: str | None = None
     pid: int | None = None
     process: str | None = None
     unit: str | None = None
@@ -112,9 +129,10 @@ def _settings(
     options: SocketOptions | None, sysctls: Sysctls | None
 ) -> tuple[str | None, dict[str, int | bool | None]]:
     if options is not None:
-        return "socket", {"keepalive": options.keepalive, "keepidle": options.idle,
-                          "keepintvl": options.intvl, "keepcnt": options.cnt,
-                          "user_timeout_ms": options.user_timeout_ms}  # fmt: skip
+        source = "kernel" if options.source == "kernel" else "socket"
+        return source, {"keepalive": options.keepalive, "keepidle": options.idle,
+                        "keepintvl": options.intvl, "keepcnt": options.cnt,
+                        "user_timeout_ms": options.user_timeout_ms}  # fmt: skip
     if sysctls is not None:  # what a socket that set nothing of its own uses
         return "netns", {"keepidle": sysctls.keepalive_time, "keepintvl": sysctls.keepalive_intvl,
                          "keepcnt": sysctls.keepalive_probes}  # fmt: skip
@@ -124,8 +142,12 @@ def _settings(
 def make_record(
     abort: KernelAbort, when: float, known: Known | None,
     options: SocketOptions | None = None, sysctls: Sysctls | None = None,
+    netns: str | None = None,
 ) -> AbortRecord | None:  # fmt: skip
-    """The record of ``abort`` at unix time ``when``; None if it is not a kernel abort."""
+    """The record of ``abort`` at unix time ``when``; None if it is not a kernel abort.
+    ``options`` default to the ones the abort itself carries (BPF); ``netns`` names the
+    namespace when no audit flagged the connection (BPF knows it)."""
+    options = options if options is not None else abort.options
     user_timeout = options.user_timeout_ms if options is not None else None
     keepalive_rst = abort.keepalive_rst
     if keepalive_rst is None:  # no RST reason on this kernel: a keepalive abort retransmits nothing
@@ -134,11 +156,11 @@ def make_record(
     if reason is None:
         return None
     source, values = _settings(options, sysctls)
-    probes = known.probes if known is not None else None
+    probes = abort.probes if abort.probes is not None else known.probes if known else None
     if reason is Reason.KEEPALIVE_TIMEOUT and isinstance(values.get("keepcnt"), int):
         probes = int(values["keepcnt"])  # type: ignore[arg-type]  # it gives up after keepcnt
     record = AbortRecord(
-        when, known.netns if known else UNKNOWN, abort.local, abort.remote, reason,
+        when, known.netns if known else netns or UNKNOWN, abort.local, abort.remote, reason,
         state_label(abort.state), abort.error, known is not None,
         known.rule if known else UNKNOWN, abort.retransmits, probes,
         round(when - known.first_reported, 3) if known else None, known.kind if known else None,

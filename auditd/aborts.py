@@ -16,7 +16,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
 
-from auditd.kernel.events import Kind, TraceEvent
+from auditd.kernel.events import BpfAbort, Kind, TraceEvent
+from auditd.model import SocketOptions
 
 
 class Reason(str, Enum):
@@ -70,6 +71,21 @@ class KernelAbort:
     # retransmissions lost in a flood, or a connect() that failed): keep it only for a
     # connection an audit saw established
     evidence: bool = True
+    # Read from the socket by the BPF source (None from the perf path's events):
+    netns_inode: int | None = None
+    inode: int | None = None  # the socket's, while its application holds the fd
+    probes: int | None = None  # icsk_probes_out at the abort
+    options: SocketOptions | None = None  # its keepalive settings (source "kernel")
+
+
+def from_bpf(rec: BpfAbort) -> KernelAbort:
+    """A BPF record: the whole abort, the state it left known (the program keeps only
+    established states, so there is always evidence)."""
+    return KernelAbort(
+        rec.time_ns, rec.local, rec.remote, rec.error, rec.oldstate, rec.keepalive_rst,
+        rec.peer_rst, rec.cookie, rec.retransmits, True, rec.netns_inode, rec.inode,
+        rec.probes, rec.options,
+    )  # fmt: skip
 
 
 @dataclass(slots=True)

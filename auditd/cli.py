@@ -64,6 +64,14 @@ INSPECT_HELP = (
 )
 
 
+EVENT_SOURCES = ("auto", "bpf", "perf")  # auditd.kernel.events.SOURCES
+EVENTS_HELP = (
+    "where abort events come from: bpf (a tp_btf program: needs CAP_BPF and CAP_PERFMON), "
+    "perf (perf_event_open on the tracepoints: CAP_PERFMON), auto (bpf when it loads, else "
+    "perf; the default)"
+)
+
+
 MAX_FINDINGS_HELP = (
     f"describe at most N socket findings, the worst (default {DEFAULT_MAX_FINDINGS}; 0: all); "
     "the others are counted, and only the sockets described are attributed to a process"
@@ -149,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="time between the audits aborts are matched against (default 10s)",
     )
+    w.add_argument("--source", choices=EVENT_SOURCES, default="auto", help=EVENTS_HELP)
 
     r = sub.add_parser("run", help="run the agent: audit periodically, serve /metrics")
     r.add_argument(
@@ -223,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="log a finding on its own line once it has lasted this long (0s: at once); "
         "shorter-lived ones are counted in one line per audit (default 5m)",
+    )
+    r.add_argument(
+        "--events.source",
+        dest="events_source",
+        choices=EVENT_SOURCES,
+        default="auto",
+        help=EVENTS_HELP,
     )
     return p
 
@@ -315,6 +331,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.config_file, interval, args.listen, args.telemetry_path, args.web_config_file,
         inspect_sockets=args.inspect_sockets, max_findings=args.max_findings,
         log_findings_after=findings_after, max_connections=args.max_connections,
+        events_source=args.events_source,
     )  # fmt: skip
     daemon = Daemon(options, args.sources, log)
     daemon.install_signals()  # first: a SIGHUP during start-up must not kill the process

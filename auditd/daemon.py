@@ -11,6 +11,7 @@ short, owners it may not look up), a listen address that cannot be bound yet (re
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import threading
@@ -29,7 +30,7 @@ from auditd.config import (
     load_web_config,
 )
 from auditd.errors import AuditdError, KernelError
-from auditd.events import AbortWatch
+from auditd.events import AbortWatch, open_pipeline
 from auditd.exporter import ExporterState
 from auditd.findlog import FindingLog
 from auditd.http import MetricsServer
@@ -60,6 +61,7 @@ class DaemonOptions:
     max_findings: int = DEFAULT_MAX_FINDINGS  # socket findings described (and logged)
     log_findings_after: float = 300.0  # --log.findings-after: a finding's own line once it lasts
     max_connections: int = MAX_CONNECTIONS  # --web.max-connections
+    events_source: str = "auto"  # --events.source: auto, bpf or perf
 
 
 def summary(result: AuditResult) -> str:
@@ -112,7 +114,8 @@ class Daemon:
         self._inspection_error: str | None = None
         self._bpf_note: str | None = None
         self._kernel_pass_note: str | None = None
-        self.aborts = AbortWatch(log)  # the kernel's abort events: a thread of its own
+        # the kernel's abort events: a thread of its own
+        self.aborts = AbortWatch(log, functools.partial(open_pipeline, options.events_source))
 
     # -- state -------------------------------------------------------------------------
     def get_state(self) -> ExporterState:

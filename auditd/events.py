@@ -1,7 +1,9 @@
 """The kernel's abort events in the agent and in ``watch``: read, match, count, log.
 
-``AbortPipeline`` turns a batch of tracepoint events into AbortRecords (correlate, match
-against the last audit, read the socket's settings while its fd still exists). ``AbortWatch``
+``AbortPipeline`` turns a batch into AbortRecords: tracepoint events from perf (correlate,
+match against the last audit by 4-tuple, read the socket's settings while its fd still
+exists) or whole aborts from BPF (match by socket inode, settings as the kernel read them,
+the namespace named from its inode). ``AbortWatch``
 runs it in a thread of the agent: it counts every abort by (netns, reason, rule, predicted)
 and the events the kernel lost, logs one line per abort (at most ``LOG_RATE`` a second for
 predicted and as many for unpredicted ones, the folded ones counted on the next line), and
@@ -11,33 +13,69 @@ note and the rest of the agent runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
-from auditd.abort_records import AbortIndex, AbortRecord, Known, make_record
-from auditd.aborts import Correlator
+from auditd.abort_records import UNKNOWN, AbortIndex, AbortRecord, Known, make_record
+from auditd.aborts import Correlator, KernelAbort, from_bpf
 from auditd.errors import AuditdError
-from auditd.kernel.events import Batch, EventSource, keepalive_reason, open_event_source
+from auditd.kernel.events import Batch, BpfEventSource, EventSource, open_event_source
 from auditd.kernel.events.sockopts import OptionsReader
+from auditd.kernel.netns import enumerate_namespaces
 from auditd.model import SocketOptions
 from auditd.results import AuditResult
 
 READ_TIMEOUT = 0.2  # seconds a read waits: how fast the thread notices it must stop
 RETRY = 30.0  # seconds before reopening the events after they failed
 LOG_RATE, LOG_BURST = 10.0, 20  # abort log lines a second, and the burst allowed
+RECENT = 20  # aborts kept for the findings page and API
 OPTIONS_BUDGET = 0.05  # seconds per batch spent reading aborted sockets' options
+NETNS_REFRESH = 10.0  # seconds between lookups of namespaces no audit named
+
+Source = EventSource | BpfEventSource
+
+
+class NetnsNames:
+    """Namespace inode -> name as the audits name them (``enumerate_namespaces``: host, the
+    ``ip netns`` name, pod:, container:, unit:, netns:<inode>), for BPF aborts in namespaces
+    the audits do not cover; looked up again at most every NETNS_REFRESH seconds."""
+
+    def __init__(
+        self, lookup: Callable[[], dict[int, str]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
+        self.lookup = lookup or _namespace_names
+        self.clock = clock
+        self.names: dict[int, str] = {}
+        self._at: float | None = None
+
+    def name(self, inode: int) -> str:
+        if inode not in self.names and (
+            self._at is None or self.clock() - self._at >= NETNS_REFRESH
+        ):
+            self._at = self.clock()
+            with contextlib.suppress(AuditdError):
+                self.names = self.lookup()
+        return self.names.get(inode, f"netns:{inode}")
+
+
+def _namespace_names() -> dict[int, str]:
+    return {ref.ino: ref.name for ref in enumerate_namespaces()}
 
 
 class AbortPipeline:
     def __init__(
-        self, keepalive_rst_known: bool = True, options: OptionsReader | None = None
-    ) -> None:
+        self, keepalive_rst_known: bool = True, options: OptionsReader | None = None,
+        netns: NetnsNames | None = None,
+    ) -> None:  # fmt: skip
         self.index = AbortIndex()
         self.correlator = Correlator(keepalive_rst_known)
         self.options = options or OptionsReader()
+        self.netns = netns or NetnsNames()
 
     def records(self, batch: Batch, wall_offset: float) -> list[AbortRecord]:
         """``wall_offset``: unix time minus CLOCK_MONOTONIC, to date the events. Reading a
@@ -58,7 +96,16 @@ class AbortPipeline:
             record = make_record(abort, when, known, opts, sysctls)
             if record is not None:
                 out.append(record)
+        out.extend(r for a in batch.aborts if (r := self._bpf(from_bpf(a), wall_offset)))
         return out
+
+    def _bpf(self, abort: KernelAbort, wall_offset: float) -> AbortRecord | None:
+        """An abort BPF read whole: its settings came with it."""
+        when = abort.time_ns / 1e9 + wall_offset
+        inode = abort.netns_inode or 0
+        netns = self.index.netns_names.get(inode) or self.netns.name(inode)
+        known = self.index.find(abort.local, abort.remote, when, abort.inode, netns)
+        return make_record(abort, when, known, netns=netns)
 
     def _options(self, known: Known | None, deadline: float) -> SocketOptions | None:
         if known is None or known.pid is None or known.inode is None:
@@ -73,10 +120,17 @@ def wall_offset() -> float:
 
 
 def open_pipeline(
-    opener: Callable[[], EventSource] = open_event_source,
-) -> tuple[EventSource, AbortPipeline]:
-    source = opener()
-    return source, AbortPipeline(keepalive_reason(source.decoder.formats) is not None)
+    source: str = "auto", opener: Callable[..., Source] = open_event_source
+) -> tuple[Source, AbortPipeline]:
+    """``source``: auto (BPF when it loads, else perf), bpf or perf (auditd.kernel.events)."""
+    events = opener(source=source)
+    return events, AbortPipeline(events.keepalive_rst_known)
+
+
+def source_line(source: Source) -> str:
+    """What is read, said once: ``abort events from bpf`` or ``... from perf (BPF: why)``."""
+    why = f" ({source.note})" if source.note else ""
+    return f"abort events from {source.name}{why}"
 
 
 Labels = tuple[str, str, str, str]  # netns, reason, rule, predicted
@@ -90,6 +144,8 @@ class AbortState:
     lost: int = 0
     namespaces: tuple[str, ...] = ()
     error: str | None = None  # why events are off, None while they are read
+    source: str | None = None  # "bpf" or "perf" while they are read
+    recent: tuple[AbortRecord, ...] = ()  # the last RECENT aborts, newest last
 
 
 class LogFold:
@@ -141,7 +197,7 @@ class AbortWatch:
     def __init__(
         self,
         log: logging.Logger,
-        opener: Callable[[], tuple[EventSource, AbortPipeline]] = open_pipeline,
+        opener: Callable[[], tuple[Source, AbortPipeline]] = open_pipeline,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.log, self.opener, self.clock = log, opener, clock
@@ -176,17 +232,24 @@ class AbortWatch:
     def _set(self, **changes: object) -> None:
         with self._state_lock:
             s = self.state
-            values = {"counts": s.counts, "lost": s.lost, "namespaces": s.namespaces,
-                      "error": s.error, **changes}  # fmt: skip
-            self.state = AbortState(**values)  # type: ignore[arg-type]
+            self.state = replace(s, **changes)  # type: ignore[arg-type]
 
-    def _add(self, key: Labels | None, lost: int = 0) -> None:
+    def _add(self, record: AbortRecord | None, lost: int = 0) -> None:
         with self._state_lock:
-            counts = dict(self.state.counts)
-            if key is not None:
-                counts[key] = counts.get(key, 0) + 1
             s = self.state
-            self.state = AbortState(counts, s.lost + lost, s.namespaces, s.error)
+            counts, recent = s.counts, s.recent
+            if record is not None:
+                key = self._labels(record, s.namespaces)
+                counts = {**counts, key: counts.get(key, 0) + 1}
+                recent = (*recent[-(RECENT - 1) :], record)
+            self.state = replace(s, counts=counts, lost=s.lost + lost, recent=recent)
+
+    @staticmethod
+    def _labels(record: AbortRecord, namespaces: tuple[str, ...]) -> Labels:
+        """The counter's labels: the namespace of the finding, or one the audits cover, else
+        ``unknown`` (BPF names every namespace; the label stays within the audited ones)."""
+        netns = record.netns if record.predicted or record.netns in namespaces else UNKNOWN
+        return netns, record.reason.value, record.rule, str(record.predicted).lower()
 
     def _run(self) -> None:
         while not self.stop_event.is_set():
@@ -202,7 +265,8 @@ class AbortWatch:
                 if self._last is not None:
                     pipeline.index.update(self._last)
                 self._pipeline = pipeline
-            self._set(error=None)
+            self._set(error=None, source=source.name)
+            self.log.info(source_line(source), extra={"source": source.name})
             try:
                 self._loop(source, pipeline)
             except Exception as exc:
@@ -213,10 +277,10 @@ class AbortWatch:
                 source.close()
 
     def _off(self, error: str) -> None:
-        self._set(error=error)
+        self._set(error=error, source=None)
         self.log.warning("abort events off, the audits go on", extra={"error": error})
 
-    def _loop(self, source: EventSource, pipeline: AbortPipeline) -> None:
+    def _loop(self, source: Source, pipeline: AbortPipeline) -> None:
         while not self.stop_event.is_set():
             batch = source.read(READ_TIMEOUT)
             with self._lock:
@@ -224,16 +288,13 @@ class AbortWatch:
             if batch.lost:
                 self._add(None, batch.lost)
             for record in records:
-                self._count(record)
+                self._add(record)
                 self._log(record)
             for predicted, fold in self.folds.items() if not records else ():
                 folded = fold.flush(self.clock())  # a burst is over: how many it folded
                 if folded:
                     self.log.warning("connection aborts not logged one by one",
                                      extra={"folded": folded, "predicted": predicted})  # fmt: skip
-
-    def _count(self, record: AbortRecord) -> None:
-        self._add((record.netns, record.reason.value, record.rule, str(record.predicted).lower()))
 
     def _log(self, record: AbortRecord) -> None:
         ok, folded = self.folds[record.predicted].admit(self.clock())

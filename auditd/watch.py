@@ -17,7 +17,7 @@ from typing import Any
 
 from auditd.abort_records import AbortRecord
 from auditd.config import load_rules_or_default
-from auditd.events import READ_TIMEOUT, AbortPipeline, open_pipeline, wall_offset
+from auditd.events import READ_TIMEOUT, AbortPipeline, open_pipeline, source_line, wall_offset
 from auditd.report import rfc3339
 from auditd.session import AuditSession
 
@@ -80,7 +80,8 @@ class _Auditor(threading.Thread):
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    source, pipeline = open_pipeline()  # KernelError: one line, exit 3 (cli.main)
+    source, pipeline = open_pipeline(args.source)  # KernelError: one line, exit 3 (cli.main)
+    args.say(source_line(source))
     lock = threading.Lock()
     auditor = _Auditor(args, pipeline, lock)
     auditor.start()

@@ -329,6 +329,8 @@ def test_collector_exports_the_counts_and_zeros_for_the_host_and_unknown() -> No
 
 
 class FakeSource:
+    name, note, keepalive_rst_known = "perf", None, True
+
     def __init__(self, batches: list[Batch]) -> None:
         self.batches, self.closed = batches, False
 

@@ -6,7 +6,7 @@
 set -eu
 cd "$(dirname "$0")"
 out="${1:-.}"
-for src in sockets owners audit; do
+for src in sockets owners audit aborts; do
     clang -target bpf -O2 -g -Wall -Werror -ffile-prefix-map="$PWD"=. \
         -c "$src.bpf.c" -o "$out/$src.bpf.o"
     llvm-strip -g "$out/$src.bpf.o"

@@ -2,8 +2,9 @@
 
 Opens a compiled BPF object (bytes or a file), loads it (CO-RE relocations against the
 running kernel's BTF, then the verifier), finds programs and maps by name, attaches programs
-(iterators, ``tp_btf``, anything libbpf knows from the SEC() name) and runs iterators with
-``bpf_iter_create``. No compiler or headers are needed at run time, and no bcc.
+(iterators, ``tp_btf``, anything libbpf knows from the SEC() name), runs iterators with
+``bpf_iter_create`` and reads BPF ring buffers (``RingBuffer``, libbpf's ``ring_buffer__*``).
+No compiler or headers are needed at run time, and no bcc.
 
 libbpf 1.0 changed its error convention (NULL + errno for pointers, -errno for ints; see
 libbpf's "libbpf 1.0 migration guide"), hence the >= 1.0 check through
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import functools
 import io
 import os
@@ -35,6 +37,8 @@ LOG_TAIL_CHARS = 600  # of libbpf's log, in the one-line error (a verifier log c
 _WARN, _INFO, _DEBUG = 0, 1, 2
 
 _PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+# ring_buffer_sample_fn (libbpf.h): int (*)(void *ctx, void *data, size_t size)
+_SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 _LOCK = threading.RLock()
 _log: list[str] = []  # collected while _LOCK is held
 
@@ -97,6 +101,11 @@ def _bind(lib: Any) -> None:
         "bpf_iter_create": ([i], i),
         "bpf_map_update_elem": ([i, p, p, ctypes.c_uint64], i),
         "bpf_map_delete_elem": ([i, p], i),
+        "bpf_map_lookup_elem": ([i, p, p], i),
+        "ring_buffer__new": ([i, _SAMPLE_FN, p, p], p),
+        "ring_buffer__poll": ([p, i], i),
+        "ring_buffer__consume": ([p], i),
+        "ring_buffer__free": ([p], None),
     }
     for name, (argtypes, restype) in sigs.items():
         fn = getattr(lib, name)  # AttributeError: an older libbpf without it
@@ -203,6 +212,49 @@ def read_iter(fd: int) -> bytes:
             raise BpfUnavailable(f"BPF: reading the iterator: {exc.strerror}", exc.errno) from exc
 
 
+class RingBuffer:
+    """A BPF_MAP_TYPE_RINGBUF map read through libbpf: ``poll`` waits at most ``timeout``
+    seconds and returns the records that came, each copied out as bytes."""
+
+    def __init__(self, lib: Libbpf, map_fd: int, name: str) -> None:
+        self._lib, self.name = lib, name
+        self._got: list[bytes] = []
+
+        def sample(_ctx: int, data: int, size: int) -> int:
+            self._got.append(ctypes.string_at(data, size))
+            return 0
+
+        self._callback = _SAMPLE_FN(sample)  # kept alive as long as libbpf may call it
+        with _calling(f"ring buffer {name}") as failed:
+            ptr = lib.lib.ring_buffer__new(map_fd, self._callback, None, None)
+            if not ptr:
+                raise failed(ctypes.get_errno())
+        self._ptr: int = ptr
+
+    def poll(self, timeout: float) -> list[bytes]:
+        """Raises BpfUnavailable if the ring cannot be read (EINTR is no error)."""
+        if not self._ptr:
+            raise BpfUnavailable(f"BPF: ring buffer {self.name} is closed")
+        err = int(self._lib.lib.ring_buffer__poll(self._ptr, int(timeout * 1000)))
+        if err < 0 and -err != errno.EINTR:
+            raise BpfUnavailable(f"BPF: reading ring buffer {self.name}: {os.strerror(-err)}", -err)
+        got, self._got = self._got, []
+        return got
+
+    def close(self) -> None:
+        if self._ptr:
+            self._lib.lib.ring_buffer__free(self._ptr)
+            self._ptr = 0
+
+
+def lookup_u64(lib: Libbpf, map_fd: int, key: int = 0) -> int | None:
+    """The u64 value at a u32 ``key`` of an array map, None if there is none."""
+    k, v = ctypes.c_uint32(key), ctypes.c_uint64()
+    if int(lib.lib.bpf_map_lookup_elem(map_fd, ctypes.byref(k), ctypes.byref(v))) < 0:
+        return None
+    return int(v.value)
+
+
 class BpfObject:
     """One BPF object: ``open`` (parse, no kernel yet), ``load``, ``attach``, ``close``.
 
@@ -278,6 +330,10 @@ class BpfObject:
         link = Link(self._lib, ptr, program)
         self._links.append(link)
         return link
+
+    @property
+    def lib(self) -> Libbpf:
+        return self._lib
 
     def map_fd(self, name: str) -> int:
         ptr = self._lib.lib.bpf_object__find_map_by_name(self._live(), name.encode())

@@ -16,21 +16,30 @@ Which tracepoints and why (shared/KERNEL.md, "Tracepoints of a connection's end"
 
 Events carry the 4-tuple, never the namespace; the task of a timer-driven event is whatever
 ran. ``EventSource.read`` gives decoded events and the count the kernel lost.
+
+``open_event_source`` prefers the BPF program (auditd.kernel.events.bpfabort: whole aborts,
+read from the socket, with its namespace, cookie and settings) and falls back to these
+tracepoints through perf when it does not load; the source says which it is (``name``) and,
+for perf, why BPF was not used (``note``).
 """
 
 from __future__ import annotations
 
 import errno
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from auditd.errors import KernelError
+from auditd.errors import BpfUnavailable, KernelError
+from auditd.kernel.events.bpfabort import BpfAbort, BpfSource
 from auditd.kernel.events.decode import Decoder, Kind, TraceEvent, events, parse_ring
 from auditd.kernel.events.perf import PerfSource, Probe
 from auditd.kernel.events.tracefs import EventFormat, read_format, tracefs_root
 
 __all__ = [
+    "SOURCES",
     "Batch",
+    "BpfAbort",
+    "BpfEventSource",
     "EventSource",
     "Kind",
     "TraceEvent",
@@ -82,35 +91,56 @@ def probes(formats: Mapping[Kind, EventFormat]) -> list[Probe]:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    events: tuple[TraceEvent, ...]  # per CPU in the order they happened, CPUs one after another
+    events: tuple[TraceEvent, ...]  # in the order they happened (perf)
     lost: int
+    aborts: tuple[BpfAbort, ...] = ()  # whole aborts (BPF)
 
 
 REQUIRED = (Kind.ERROR_REPORT, Kind.SET_STATE)
 
 
-def _time(event: TraceEvent) -> int:
-    return event.time_ns
+def _order(event: TraceEvent) -> tuple[int, bool]:
+    return event.time_ns, event.kind is Kind.ERROR_REPORT
 
 
 class EventSource:
     """The opened tracepoints; ``read`` blocks at most ``timeout`` seconds."""
 
-    def __init__(self, formats: Mapping[Kind, EventFormat]) -> None:
+    name = "perf"
+
+    def __init__(self, formats: Mapping[Kind, EventFormat], note: str | None = None) -> None:
         self.decoder = Decoder(formats)
         self.perf = PerfSource(probes(formats))
+        self.note = note  # why the BPF source is not used, if it was tried
+        rings = len(self.perf.rings)
+        self._counted, self._samples, self._missing = [0] * rings, [0] * rings, [0] * rings
+
+    @property
+    def keepalive_rst_known(self) -> bool:
+        return keepalive_reason(self.decoder.formats) is not None
 
     def read(self, timeout: float) -> Batch:
+        """``lost`` counts the kernel's PERF_RECORD_LOST and the samples it counted for an
+        event by the previous read that never reached that event's ring (issue 13, see
+        auditd.kernel.events.perf): a sample counted then has had a whole wait to arrive."""
         self.perf.wait(timeout)
+        counts = self.perf.counts()
         out: list[TraceEvent] = []
         lost = 0
-        for data in self.perf.drain():
+        for i, data in enumerate(self.perf.drain()):
             ring = parse_ring(data)
             lost += ring.lost
+            self._samples[i] += len(ring.samples)
+            missing = self._counted[i] - self._samples[i]
+            if missing > self._missing[i]:
+                lost += missing - self._missing[i]
+                self._missing[i] = missing
             out.extend(events(self.decoder, ring))
-        # One CPU's ring is in order; across CPUs, the times (one CLOCK_MONOTONIC) order them:
-        # a connection's retransmissions may have run on the other CPU than its abort.
-        out.sort(key=_time)
+        self._counted = counts
+        # Each ring is in order; across rings and CPUs, the times (one CLOCK_MONOTONIC) order
+        # them (a connection's retransmissions may have run on the other CPU than its abort),
+        # and an error report goes after what has the same time: it ends the abort.
+        out.sort(key=_order)
         return Batch(tuple(out), lost)
 
     def close(self) -> None:
@@ -130,6 +160,39 @@ def read_formats(root: str | None = None) -> dict[Kind, EventFormat]:
     return formats
 
 
-def open_event_source(root: str | None = None) -> EventSource:
-    """Raises KernelError (one line, saying what is missing) when events cannot be read."""
-    return EventSource(read_formats(root))
+class BpfEventSource:
+    """The BPF program's aborts as Batches, like EventSource's events."""
+
+    name = "bpf"
+    note: str | None = None
+    keepalive_rst_known = True  # the program tells the keepalive timer's RST (6.10+) itself
+
+    def __init__(self, bpf: BpfSource) -> None:
+        self.bpf = bpf
+
+    def read(self, timeout: float) -> Batch:
+        aborts, lost = self.bpf.read(timeout)
+        return Batch((), lost, tuple(aborts))
+
+    def close(self) -> None:
+        self.bpf.close()
+
+
+SOURCES = ("auto", "bpf", "perf")  # --events.source / watch --source
+
+
+def open_event_source(
+    root: str | None = None, source: str = "auto", bpf: Callable[[], BpfSource] = BpfSource
+) -> EventSource | BpfEventSource:
+    """The BPF source when it loads (``auto``, ``bpf``), else the tracepoints through perf
+    (``auto``, ``perf``). Raises KernelError (one line, saying what is missing) when events
+    cannot be read; with ``bpf``, BpfUnavailable when the program does not load."""
+    note = None
+    if source != "perf":
+        try:
+            return BpfEventSource(bpf())
+        except BpfUnavailable as exc:
+            if source == "bpf":
+                raise
+            note = str(exc)
+    return EventSource(read_formats(root), note)

@@ -2,12 +2,22 @@
 
 One event per tracepoint per online CPU (pid -1: every task, system-wide, which needs
 CAP_PERFMON or CAP_SYS_ADMIN, or kernel.perf_event_paranoid <= -1 for raw tracepoint samples;
-kernel/events/core.c ``perf_event_open``). The first event of a CPU owns its ring buffer; the
-others are pointed at it with PERF_EVENT_IOC_SET_OUTPUT, so one CPU's events come out of one
-ring in the order they happened: the events of one abort (the RST, the state change, the
-error report) run on one CPU in one context. Each event gets a tracepoint filter
+kernel/events/core.c ``perf_event_open``), each with a tracepoint filter
 (PERF_EVENT_IOC_SET_FILTER, the tracefs filter syntax), so the kernel drops what is not an
 abort before it is copied anywhere.
+
+Each event has a ring of its own, so the kernel's count of an event (``counts``, a
+``read`` of its fd) can be held against the samples its ring gave: on 6.18 (issue 13) a
+sample that a tracepoint produced in softirq on an idle CPU is now and then counted but never
+written to the ring, with no PERF_RECORD_LOST or THROTTLE record (measured: about one error
+report of a timer-driven abort in three on CPU 1 while it idled, none on the same CPU kept
+busy; the same with the events sharing one ring per CPU through PERF_EVENT_IOC_SET_OUTPUT,
+pinned or flexible, with or without use_clockid). The caller counts those as lost; the BPF
+source (auditd.kernel.events.bpfabort) does not go through perf's output and has no such loss.
+
+``drain`` gives the rings of the first probe (the event that ends an abort) before the
+others: whatever happened before an error report on its CPU is then in the same drain or an
+earlier one, never in a later one.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import os
 import platform
 import select
 import struct
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,12 +50,14 @@ ATTR_SIZE = 128  # PERF_ATTR_SIZE_VER7; the kernel zero-extends what it does not
 # attr bit flags (the u64 at offset 40): disabled, watermark, use_clockid
 _DISABLED, _WATERMARK, _USE_CLOCKID = 1 << 0, 1 << 14, 1 << 25
 CLOCK_MONOTONIC = 1
-# ioctls (include/uapi/linux/perf_event.h): _IO('$', 0), _IO('$', 1), _IO('$', 5),
-# _IOW('$', 6, char *)
-IOC_ENABLE, IOC_DISABLE, IOC_SET_OUTPUT, IOC_SET_FILTER = 0x2400, 0x2401, 0x2405, 0x40082406
+# ioctls (include/uapi/linux/perf_event.h): _IO('$', 0), _IO('$', 1), _IOW('$', 6, char *)
+IOC_ENABLE, IOC_DISABLE, IOC_SET_FILTER = 0x2400, 0x2401, 0x40082406
 # struct perf_event_mmap_page: data_head, data_tail, data_offset, data_size
 _HEAD, _TAIL = 1024, 1032
-RING_PAGES = 64  # per CPU, a power of two: 256 KiB with 4 KiB pages
+# Pages of each ring, a power of two: the first probe's 32 (128 KiB with 4 KiB pages), the
+# others' 16. With the control pages, 4 probes take 88 pages a CPU, under the 516 KiB a CPU
+# that kernel.perf_event_mlock_kb lets a user without CAP_IPC_LOCK lock.
+RING_PAGES = (32, 16)
 
 NEEDS = "needs CAP_PERFMON or CAP_SYS_ADMIN, or kernel.perf_event_paranoid <= -1"
 
@@ -69,8 +82,8 @@ def online_cpus(path: str = "/sys/devices/system/cpu/online") -> list[int]:
 
 
 def attr_bytes(tracepoint_id: int, wakeup_bytes: int) -> bytes:
-    """A perf_event_attr: one raw sample per hit with its CLOCK_MONOTONIC time, disabled
-    until enabled, a wakeup when ``wakeup_bytes`` wait in the ring."""
+    """A perf_event_attr: one raw sample per hit with its CLOCK_MONOTONIC time,
+    disabled until enabled, a wakeup when ``wakeup_bytes`` wait in the ring."""
     attr = bytearray(ATTR_SIZE)
     struct.pack_into("=IIQQQQQ", attr, 0, PERF_TYPE_TRACEPOINT, ATTR_SIZE, tracepoint_id,
                      1, PERF_SAMPLE_TIME | PERF_SAMPLE_RAW, 0,
@@ -106,7 +119,7 @@ class PerfRing:
     """The mmap ring of one CPU: ``drain`` returns the bytes the kernel wrote since the last
     call, unwrapped, and gives the space back."""
 
-    def __init__(self, fd: int, pages: int = RING_PAGES) -> None:
+    def __init__(self, fd: int, pages: int = RING_PAGES[0]) -> None:
         self.fd = fd
         self.size = pages * mmap.PAGESIZE
         try:
@@ -142,14 +155,16 @@ class Probe:
 
 
 class PerfSource:
-    """Every probe on every online CPU; ``wait`` then ``drain`` gives each CPU's bytes."""
+    """Every probe on every online CPU; ``wait`` then ``drain`` gives each ring's bytes."""
 
     def __init__(self, probes: Sequence[Probe], cpus: Sequence[int] | None = None) -> None:
         self.fds: list[int] = []
-        self.rings: list[PerfRing] = []
+        self.rings: list[PerfRing] = []  # probe by probe, CPU by CPU within a probe
         try:
-            for cpu in cpus if cpus is not None else online_cpus():
-                self._open_cpu(probes, cpu)
+            for index, probe in enumerate(probes):
+                pages = RING_PAGES[min(index, 1)]
+                for cpu in cpus if cpus is not None else online_cpus():
+                    self._open(probe, cpu, pages)
             for fd in self.fds:
                 fcntl.ioctl(fd, IOC_ENABLE, 0)
         except OSError as exc:
@@ -162,24 +177,17 @@ class PerfSource:
         for ring in self.rings:
             self._poll.register(ring.fd, select.POLLIN)
 
-    def _open_cpu(self, probes: Sequence[Probe], cpu: int) -> None:
-        leader: int | None = None
-        wakeup = RING_PAGES * mmap.PAGESIZE // 4
-        for probe in probes:
-            fd = perf_event_open(attr_bytes(probe.id, wakeup), cpu)
-            self.fds.append(fd)
-            if probe.filter:
-                try:
-                    fcntl.ioctl(fd, IOC_SET_FILTER, probe.filter.encode() + b"\0")
-                except OSError as exc:
-                    raise KernelError(
-                        f"tracepoint filter {probe.filter!r} refused: {exc.strerror}", exc.errno
-                    ) from None
-            if leader is None:
-                leader = fd
-                self.rings.append(PerfRing(fd))
-            else:
-                fcntl.ioctl(fd, IOC_SET_OUTPUT, leader)
+    def _open(self, probe: Probe, cpu: int, pages: int) -> None:
+        fd = perf_event_open(attr_bytes(probe.id, pages * mmap.PAGESIZE // 4), cpu)
+        self.fds.append(fd)
+        if probe.filter:
+            try:
+                fcntl.ioctl(fd, IOC_SET_FILTER, probe.filter.encode() + b"\0")
+            except OSError as exc:
+                raise KernelError(
+                    f"tracepoint filter {probe.filter!r} refused: {exc.strerror}", exc.errno
+                ) from None
+        self.rings.append(PerfRing(fd, pages))
 
     def wait(self, timeout: float) -> None:
         """Until a ring is a quarter full or ``timeout`` seconds pass."""
@@ -187,12 +195,22 @@ class PerfSource:
             self._poll.poll(int(timeout * 1000))
 
     def drain(self) -> list[bytes]:
+        """Each ring's new bytes, in ``rings`` order: the first probe's rings first."""
         return [ring.drain() for ring in self.rings]
 
-    def close(self) -> None:
+    def counts(self) -> list[int]:
+        """The kernel's count of each event (samples it produced, filter passed), in
+        ``rings`` order."""
+        return [int.from_bytes(os.read(fd, 8), sys.byteorder) for fd in self.fds]
+
+    def disable(self) -> None:
+        """Stops every event: nothing more is counted or written."""
         for fd in self.fds:
             with contextlib.suppress(OSError):
                 fcntl.ioctl(fd, IOC_DISABLE, 0)
+
+    def close(self) -> None:
+        self.disable()
         for ring in self.rings:
             ring.close()
         for fd in self.fds:
