@@ -13,10 +13,12 @@ host while the socket lives, is what a BPF abort is matched by.)
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 from auditd.aborts import KernelAbort, Reason, classify
 from auditd.model import Finding, SocketOptions, Sysctls, state_label
+from auditd.report import rfc3339
 from auditd.results import AuditResult
 
 UNKNOWN = "unknown"  # netns or rule of an abort no audit had seen
@@ -123,6 +125,14 @@ class AbortRecord:
     unit: str | None = None
     container: str | None = None
     cookie: int | None = None
+
+
+def record_dict(record: AbortRecord) -> dict[str, Any]:
+    """The JSON object of an abort (``watch --format json``, the API's ``recent_aborts``)."""
+    doc = asdict(record)
+    doc["time"] = rfc3339(record.time)
+    doc["reason"] = record.reason.value
+    return doc
 
 
 def _settings(

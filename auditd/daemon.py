@@ -115,7 +115,10 @@ class Daemon:
         self._bpf_note: str | None = None
         self._kernel_pass_note: str | None = None
         # the kernel's abort events: a thread of its own
-        self.aborts = AbortWatch(log, functools.partial(open_pipeline, options.events_source))
+        self.aborts = AbortWatch(
+            log, functools.partial(open_pipeline, options.events_source),
+            on_change=lambda aborts: self._update(aborts=aborts),
+        )  # fmt: skip
 
     # -- state -------------------------------------------------------------------------
     def get_state(self) -> ExporterState:

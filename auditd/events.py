@@ -199,8 +199,12 @@ class AbortWatch:
         log: logging.Logger,
         opener: Callable[[], tuple[Source, AbortPipeline]] = open_pipeline,
         clock: Callable[[], float] = time.time,
+        on_change: Callable[[AbortState], None] | None = None,
     ) -> None:
+        """``on_change(state)`` after each change of ``state``, from the thread that made
+        it (the agent renders its scrapes and page again)."""
         self.log, self.opener, self.clock = log, opener, clock
+        self.on_change = on_change
         self.state = AbortState()
         self.stop_event = threading.Event()
         # predicted and unpredicted aborts fold apart: a flood of unflagged ones elsewhere
@@ -233,6 +237,11 @@ class AbortWatch:
         with self._state_lock:
             s = self.state
             self.state = replace(s, **changes)  # type: ignore[arg-type]
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self.state)
 
     def _add(self, record: AbortRecord | None, lost: int = 0) -> None:
         with self._state_lock:
@@ -243,6 +252,7 @@ class AbortWatch:
                 counts = {**counts, key: counts.get(key, 0) + 1}
                 recent = (*recent[-(RECENT - 1) :], record)
             self.state = replace(s, counts=counts, lost=s.lost + lost, recent=recent)
+        self._changed()
 
     @staticmethod
     def _labels(record: AbortRecord, namespaces: tuple[str, ...]) -> Labels:

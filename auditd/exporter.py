@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from auditd import __version__
 from auditd.audit.matching import DEFAULT_RULE
 from auditd.config import RuleSet
+from auditd.events import AbortState
 from auditd.model import FindingKind, Severity, Stage
 from auditd.nsmetrics import AS_OF, namespace_families
 from auditd.results import HOST_NETNS, AuditResult
@@ -36,6 +37,10 @@ class ExporterState:
     last_success: float | None = None  # unix time of the last successful audit
     reload_ok: bool = True
     reload_success_time: float | None = None
+    # The abort events' state (counts, the last aborts), replaced on each change by the
+    # event thread, so the cached exposition and page are rendered again then, not only
+    # after the next audit.
+    aborts: AbortState = field(default_factory=AbortState)
 
 
 class AuditCollector(Collector):

@@ -27,6 +27,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from auditd import __version__
 from auditd import page as findings_page
+from auditd.abort_records import record_dict
 from auditd.auth import BasicAuth, Verdict
 from auditd.config import TlsSettings, WebConfig
 from auditd.config.errors import one_line
@@ -169,10 +170,16 @@ class MetricsServer:
         return body
 
     def findings_json(self) -> bytes | None:
-        """``audit --format json`` of the last audit; None before the first one."""
-        return self._view(
-            "json", lambda state: None if state.result is None else to_json(state.result).encode()
-        )
+        """``audit --format json`` of the last audit, with ``recent_aborts``; None before
+        the first audit."""
+
+        def render(state: ExporterState) -> bytes | None:
+            if state.result is None:
+                return None
+            recent = [record_dict(r) for r in reversed(state.aborts.recent)]  # newest first
+            return to_json(state.result, recent).encode()
+
+        return self._view("json", render)
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self

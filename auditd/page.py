@@ -2,6 +2,8 @@
 
 Everything shown passes through ``html.escape``: addresses, command lines, unit and
 namespace names come from the audited host, and a process may name itself ``<script>``.
+The last aborts (at most auditd.events.RECENT) come from the kernel's abort events and are
+rendered with the same escaping, whenever they change.
 The page has no script and needs none (``<details>`` folds the sysctls); the server sends
 it with a Content-Security-Policy that allows only the one inline style block below, by
 its hash (``STYLE_HASH``), so even a missed escape could not run a script.
@@ -15,6 +17,8 @@ import html
 from collections.abc import Iterable
 
 from auditd import __version__
+from auditd.abort_records import AbortRecord
+from auditd.events import RECENT
 from auditd.exporter import ExporterState
 from auditd.model import Finding, Keepalive, Severity
 from auditd.report import owner_text, rfc3339
@@ -131,6 +135,56 @@ def _findings(result: AuditResult, order: list[NamespaceReport]) -> list[str]:
     return out
 
 
+def _abort_owner(r: AbortRecord) -> str:
+    if r.pid is None:
+        return "-"
+    text = f"pid {r.pid} {r.process or '?'}"
+    if r.unit:
+        text += f", unit {r.unit}"
+    return f"{text}, container {r.container}" if r.container else text
+
+
+def _abort(r: AbortRecord) -> str:
+    predicted = "no"
+    if r.predicted:
+        predicted = f"yes: {r.finding or '-'}, reported {_secs(r.reported_seconds_before)} before"
+    settings = "-"
+    if r.settings is not None:
+        on = "-" if r.keepalive is None else "on" if r.keepalive else "off"
+        settings = (f"keepalive {on} {r.keepidle}/{r.keepintvl}/{r.keepcnt}, user timeout "
+                    f"{r.user_timeout_ms or 0} ms ({r.settings})")  # fmt: skip
+    cells = (
+        rfc3339(r.time),
+        r.netns,
+        f"{r.local} -> {r.remote}",
+        r.reason.value,
+        predicted,
+        r.rule,
+        f"{r.probes if r.probes is not None else '-'} / {r.retransmits}",
+        settings,
+    )
+    return _row(cells)[: -len("</tr>")] + f"<td><code>{_e(_abort_owner(r))}</code></td></tr>"
+
+
+def _aborts(state: ExporterState) -> list[str]:
+    """The last aborts the kernel's events showed (at most auditd.events.RECENT), newest first."""
+    a = state.aborts
+    out = ["<h2>Connections the kernel aborted</h2>"]
+    if a.error is not None:
+        return [*out, f"<p>Abort events are off: {_e(a.error)}</p>"]
+    if a.source is None:
+        return [*out, "<p>Abort events are not read yet.</p>"]
+    out.append(f"<p>The last {len(a.recent)} (at most {RECENT}), newest first; events from "
+               f"{_e(a.source)}.</p>")  # fmt: skip
+    if a.recent:
+        out.append("<table>")
+        out.append(_head("time", "netns", "connection", "reason", "predicted", "rule",
+                         "probes / retransmits", "its settings", "owner"))  # fmt: skip
+        out.extend(_abort(r) for r in reversed(a.recent))
+        out.append("</table>")
+    return out
+
+
 def _health(state: ExporterState) -> list[str]:
     result = state.result
     rows = [
@@ -163,6 +217,7 @@ def render(state: ExporterState, metrics_path: str = "/metrics") -> str:
             "namespaces.</p>"
         )
         body.extend(_findings(result, order))
+        body.extend(_aborts(state))
         body.extend(_namespace_table(result, order))
     body.extend(_health(state))
     return (

@@ -123,8 +123,9 @@ def namespace_dict(ns: NamespaceReport) -> dict[str, Any]:
     }
 
 
-def to_json(result: AuditResult) -> str:
-    doc = {
+def to_json(result: AuditResult, recent_aborts: list[dict[str, Any]] | None = None) -> str:
+    """``audit --format json``; the agent's API adds ``recent_aborts`` (its last aborts)."""
+    doc: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "generated_at": rfc3339(result.generated_at),
         "duration_seconds": round(result.duration_seconds, 6),
@@ -136,6 +137,8 @@ def to_json(result: AuditResult) -> str:
         "findings_total": result.findings_total,
         "findings_omitted": result.findings_omitted,
     }
+    if recent_aborts is not None:
+        doc["recent_aborts"] = recent_aborts
     return json.dumps(doc, indent=2, ensure_ascii=False)
 
 

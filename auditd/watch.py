@@ -12,23 +12,15 @@ import argparse
 import json
 import sys
 import threading
-from dataclasses import asdict
 from typing import Any
 
-from auditd.abort_records import AbortRecord
+from auditd.abort_records import AbortRecord, record_dict
 from auditd.config import load_rules_or_default
 from auditd.events import READ_TIMEOUT, AbortPipeline, open_pipeline, source_line, wall_offset
 from auditd.report import rfc3339
 from auditd.session import AuditSession
 
 COLUMNS = ("TIME", "NETNS", "LOCAL", "REMOTE", "REASON", "OWNER", "RULE", "PREDICTED")
-
-
-def record_dict(record: AbortRecord) -> dict[str, Any]:
-    doc = asdict(record)
-    doc["time"] = rfc3339(record.time)
-    doc["reason"] = record.reason.value
-    return doc
 
 
 def _owner(r: AbortRecord) -> str:
@@ -94,6 +86,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
             batch = source.read(READ_TIMEOUT)
             with lock:
                 records = pipeline.records(batch, wall_offset())
+            if batch.lost:
+                args.say(f"note: {batch.lost} events lost in the kernel: aborts may be missing")
             for r in records:
                 line = record_line(r) if table else json.dumps(record_dict(r), sort_keys=True)
                 sys.stdout.write(line + "\n")

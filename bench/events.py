@@ -1,6 +1,7 @@
 """Benchmark of the abort-event path: its CPU at a connection churn, and losses at an abort rate.
 
     python3 bench/events.py [--rate 2000] [--seconds 10] [--abort-rate 200] [--abort-seconds 10]
+                            [--source auto|bpf|perf]
 
 Root only (system-wide tracepoints; a network namespace ``kbench-ev-<pid>`` of its own,
 deleted at the end; traffic on its loopback only). Two phases:
@@ -9,7 +10,8 @@ deleted at the end; traffic on its loopback only). Two phases:
   closed normally (the client first), with and without the event reader running. The reader
   is the agent's own path (``auditd.events.open_pipeline``: perf rings, kernel filters,
   decoding, correlation) in a child process, which reports its CPU time from the moment it
-  is reading (not its start-up); a normal close is no
+  is reading (not its start-up), from ``--source`` (auto: the BPF program when it loads, as
+  the agent does; the report names the one used); a normal close is no
   abort, so the filters drop every event in the kernel. The churn's own CPU is printed with
   and without the reader: the difference is the filters' cost in the kernel (noisy on a busy
   machine).
@@ -43,12 +45,12 @@ ROOT = os.path.dirname(HERE)
 CLONE_NEWNET = 0x40000000
 
 
-def reader_main(server: str) -> None:
+def reader_main(server: str, which: str) -> None:
     """Child: read abort events until stdin closes; print what it saw and its CPU time."""
     sys.path.insert(0, ROOT)
     from auditd.events import open_pipeline, wall_offset
 
-    source, pipeline = open_pipeline()
+    source, pipeline = open_pipeline(which)
     done = threading.Event()
     threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
     print("ready", flush=True)
@@ -57,7 +59,7 @@ def reader_main(server: str) -> None:
     while not done.is_set():
         batch = source.read(0.2)
         lost += batch.lost
-        events += len(batch.events)
+        events += len(batch.events) + len(batch.aborts)
         for record in pipeline.records(batch, wall_offset()):
             if record.remote == server and record.reason.value == "peer_reset":
                 seen += 1
@@ -67,13 +69,13 @@ def reader_main(server: str) -> None:
     end = resource.getrusage(resource.RUSAGE_SELF)
     cpu = end.ru_utime + end.ru_stime - begin.ru_utime - begin.ru_stime
     print(json.dumps({"seen": seen, "lost": lost, "other_aborts": other, "events": events,
-                      "cpu_s": cpu}), flush=True)  # fmt: skip
+                      "cpu_s": cpu, "source": source.name}), flush=True)  # fmt: skip
 
 
 class Reader:
-    def __init__(self, server: str) -> None:
+    def __init__(self, server: str, which: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--child-reader", server],
+            [sys.executable, __file__, "--child-reader", server, "--source", which],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert self.proc.stdout is not None
@@ -160,9 +162,10 @@ def run_load(netns: str, rate: float, seconds: float, reset: bool) -> dict[str, 
     return result
 
 
-def phase(netns: str, rate: float, seconds: float, reset: bool, read: bool) -> dict[str, Any]:
+def phase(netns: str, rate: float, seconds: float, reset: bool, read: str | None) -> dict[str, Any]:
+    """``read``: the event source of a reader to run meanwhile, None for none."""
     load = run_load(netns, rate, seconds, reset)
-    reader = Reader(load["server"]) if read else None
+    reader = Reader(load["server"], read) if read else None
     load["go"].set()
     load["thread"].join()
     out = {k: load[k] for k in ("done", "wall_s", "cpu_s")}
@@ -181,11 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--abort-rate", type=float, default=200.0)
     p.add_argument("--abort-seconds", type=float, default=10.0)
     p.add_argument("--rounds", type=int, default=3, help="churn rounds without/with (3)")
+    p.add_argument("--source", choices=("auto", "bpf", "perf"), default="auto")
     p.add_argument("--json", action="store_true")
     p.add_argument("--child-reader", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child_reader:
-        reader_main(args.child_reader)
+        reader_main(args.child_reader, args.source)
         return 0
     netns = f"kbench-ev-{os.getpid()}"
     subprocess.run(["ip", "netns", "add", netns], check=True)
@@ -193,13 +197,13 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
         off, on = [], []
         for _ in range(args.rounds):  # alternating, so the machine's other load hits both
-            off.append(phase(netns, args.rate, args.seconds, False, False))
-            on.append(phase(netns, args.rate, args.seconds, False, True))
+            off.append(phase(netns, args.rate, args.seconds, False, None))
+            on.append(phase(netns, args.rate, args.seconds, False, args.source))
         report = {
             "netns": netns,
             "churn_without_reader": off,
             "churn_with_reader": on,
-            "aborts": phase(netns, args.abort_rate, args.abort_seconds, True, True),
+            "aborts": phase(netns, args.abort_rate, args.abort_seconds, True, args.source),
         }
     finally:
         subprocess.run(["ip", "netns", "delete", netns], check=False)
@@ -217,8 +221,10 @@ def _pct(rows: list[dict[str, Any]], key: str = "cpu_s") -> float:
 def print_report(r: dict[str, Any]) -> None:
     off, on, ab = r["churn_without_reader"], r["churn_with_reader"], r["aborts"]
     rate = statistics.median(x["rate"] for x in on)
-    print(f"churn: {rate:.0f} connections/s, {len(on)} rounds of {on[0]['wall_s']:.1f} s "
-          f"without and with the reader (medians)")  # fmt: skip
+    print(
+        f"churn: {rate:.0f} connections/s, {len(on)} rounds of {on[0]['wall_s']:.1f} s "
+        f"without and with the reader (medians); events from {on[0]['reader']['source']}"
+    )
     reader = statistics.median(x["reader_cpu_pct"] for x in on)
     passed = sum(x["reader"]["events"] for x in on)
     elsewhere = sum(x["reader"]["other_aborts"] for x in on)

@@ -47,7 +47,8 @@ def test_bench_counts_the_series_of_empty_namespaces() -> None:
     report = json.loads(proc.stdout)
     assert (report["namespaces"], report["rules"]) == (5, 50)
     assert report["series"]["bench"] == 0  # empty namespaces cost nothing
-    assert report["series"]["agent"] == 18  # 16, and the abort events: lost_total, up
+    # 16, and the abort events: lost_total, up, source (bpf, perf)
+    assert report["series"]["agent"] == 20
     assert report["series_total"] == sum(report["series"].values())
     left = netlab.run(["ip", "netns", "list"]).stdout.split()
     assert not [n for n in left if n.startswith(report["netns_prefix"])]  # deleted after
@@ -56,15 +57,16 @@ def test_bench_counts_the_series_of_empty_namespaces() -> None:
 EVENTS = os.path.join(os.path.dirname(BENCH), "events.py")
 
 
-def test_events_bench_sees_every_abort_it_makes() -> None:
+@pytest.mark.parametrize("source", ["bpf", "perf"])
+def test_events_bench_sees_every_abort_it_makes(source: str) -> None:
     proc = netlab.run([sys.executable, EVENTS, "--rate", "200", "--seconds", "1", "--rounds", "1",
-                       "--abort-rate", "50", "--abort-seconds", "1", "--json"],
+                       "--abort-rate", "50", "--abort-seconds", "1", "--json", "--source", source],
                       check=False, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     aborts = report["aborts"]
     assert aborts["done"] == 50 and aborts["reader"]["seen"] == 50  # each reset is one abort
-    assert aborts["reader"]["lost"] == 0
+    assert aborts["reader"]["lost"] == 0 and aborts["reader"]["source"] == source
     (churn,) = report["churn_with_reader"]
     assert churn["done"] == 200 and churn["reader"]["seen"] == 0  # a normal close is none
     assert report["netns"] not in netlab.run(["ip", "netns", "list"]).stdout.split()

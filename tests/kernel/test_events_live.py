@@ -30,11 +30,16 @@ import yaml
 from agent import Agent, Agents, wait_for
 from netlab import Lab, Netns
 
+from auditd.errors import BpfUnavailable
+from auditd.events import source_line
+from auditd.kernel.bpf.iterators import OBJECT_DIR
 from auditd.kernel.events import EventSource, open_event_source, probes
-from auditd.kernel.events.decode import parse_ring
+from auditd.kernel.events.bpfabort import BpfSource
 
 pytestmark = pytest.mark.kernel
 
+BPF_DIR = Path(OBJECT_DIR)
+BPF_DATA = Path(__file__).parent.parent / "data" / "bpf"
 PID = os.getpid()  # the owner of every client socket: made by this process
 COMM = Path(f"/proc/{PID}/comm").read_text().strip()
 RULES = {"version": 1, "defaults": {"idle_timeout": "2s", "warn_at": 0.5,
@@ -139,12 +144,35 @@ def flagged(st: Stage, local: str, kind: str) -> None:
 
 
 def aborted(st: Stage, local: str, timeout: float = 30) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The agent's line and watch's JSON of the abort. From perf, a timer-driven abort's
+    events are now and then counted by the kernel and never delivered (perf.py): then the
+    agent must have counted events lost and watch said so, and the row is an xfail; a loss
+    that neither of them noticed fails it."""
+
     def logged() -> dict[str, Any] | None:
         return next((d for d in st.agent.log() if d.get("local") == local
                      and d["msg"].startswith("connection aborted")), None)  # fmt: skip
 
-    line = wait_for(f"the agent's abort line for {local}", logged, timeout)
-    doc = wait_for(f"watch's abort line for {local}", lambda: st.watch.abort(local), 5)
+    def lost() -> float:
+        return st.agent.scrape().total("keepalive_events_lost_total")
+
+    def watch_lost() -> int:
+        return sum("events lost in the kernel" in s for s in st.watch.stderr)
+
+    base, watch_base = lost(), watch_lost()
+    seen = wait_for(f"the agent's abort line for {local} (or events lost)",
+                    lambda: logged() or lost() > base, timeout)  # fmt: skip
+    if seen is True:
+        time.sleep(2)  # the events lost may have been another connection's
+    line = logged()
+    doc = wait_for(f"watch's abort line for {local} (or events lost)",
+                   lambda: st.watch.abort(local) or watch_lost() > watch_base, 5)  # fmt: skip
+    if line is None or doc is True:
+        time.sleep(0 if line is None else 2)
+        doc = st.watch.abort(local)
+    if line is None or doc is None:
+        assert st.source == "perf", (line, doc)
+        pytest.xfail("perf: the kernel counted the abort's events and did not deliver them")
     return line, doc
 
 
@@ -249,11 +277,11 @@ def test_peer_reboot_resets(lab: Lab, stage: Stage) -> None:
     assert counted(stage, "peer_reset") == 1
 
 
-def test_every_sample_the_kernel_counted_arrives(lab: Lab) -> None:
-    """The perf rings hold every sample the kernel counted for its event (issue 13's defect:
-    error reports of timer-driven aborts counted, never written). Eight keepalive aborts and
-    four retransmission trains in flight; with the events disabled before the counts are
-    read, each ring's samples equal its event's count, whatever else the machine does."""
+def test_every_sample_the_kernel_counted_arrives_or_is_counted_lost(lab: Lab) -> None:
+    """What the perf rings give plus what the source counts lost is what the kernel counted
+    (issue 13's defect: samples counted, never written, no PERF_RECORD_LOST). Eight
+    keepalive aborts and four retransmission trains; the events are disabled before the
+    last reads, so the counts stop where the samples do, whatever else the machine does."""
     source = open_event_source(source="perf")
     assert isinstance(source, EventSource)
     try:
@@ -265,19 +293,19 @@ def test_every_sample_the_kernel_counted_arrives(lab: Lab) -> None:
         b.pull_cable()
         for client in clients[8:]:
             in_flight(client)
-        samples = [0] * len(source.perf.rings)
+        got, lost = 0, 0
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and any(probing(c) for c in clients):
-            source.perf.wait(0.2)
-            for i, data in enumerate(source.perf.drain()):
-                samples[i] += len(parse_ring(data).samples)
-        assert not any(probing(c) for c in clients), "the connections were not aborted"
+        while time.monotonic() < deadline and any(map(probing, clients)):
+            batch = source.read(0.2)
+            got, lost = got + len(batch.events), lost + batch.lost
+        assert not any(map(probing, clients)), "the connections were not aborted"
         source.perf.disable()
-        for i, data in enumerate(source.perf.drain()):
-            samples[i] += len(parse_ring(data).samples)
+        for _ in range(2):  # the second read holds the counts of the first to the samples
+            batch = source.read(0.05)
+            got, lost = got + len(batch.events), lost + batch.lost
         counts = source.perf.counts()
         assert sum(counts[: len(counts) // len(probes(source.decoder.formats))]) >= 8
-        assert samples == counts
+        assert got + lost == sum(counts), (got, lost, counts)
     finally:
         source.close()
 
@@ -289,6 +317,31 @@ def probing(client: socket.socket) -> bool:
     except OSError:
         return False
     return True
+
+
+@pytest.fixture(scope="module")
+def refused_abort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An abort program the verifier refuses, built as the shipped ones are."""
+    out = tmp_path_factory.mktemp("bpf") / "refused_abort.bpf.o"
+    argv = ["clang", "-target", "bpf", "-O2", "-g", f"-I{BPF_DIR}", "-c"]
+    subprocess.run([*argv, str(BPF_DATA / "refused_abort.bpf.c"), "-o", str(out)], check=True)
+    return out
+
+
+def test_a_refused_program_falls_back_to_perf(refused_abort: Path) -> None:
+    """The verifier's refusal is the note of the perf source that takes over; asked for
+    BPF only, it is the error."""
+    source = open_event_source(bpf=lambda: BpfSource(str(refused_abort)))
+    try:
+        assert source.name == "perf" and isinstance(source, EventSource)
+        assert source.note is not None
+        assert source.note.startswith("BPF: loading refused_abort.bpf.o: "), source.note
+        assert "invalid bpf_context access" in source.note, source.note
+        assert source_line(source).startswith("abort events from perf (BPF: loading ")
+    finally:
+        source.close()
+    with pytest.raises(BpfUnavailable, match=r"refused_abort\.bpf\.o"):
+        open_event_source(source="bpf", bpf=lambda: BpfSource(str(refused_abort)))
 
 
 def test_normal_close_is_no_abort(lab: Lab, stage: Stage) -> None:

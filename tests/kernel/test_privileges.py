@@ -276,16 +276,19 @@ TRACEFS = ["sh", "-c", 'mount -t tracefs nodev /sys/kernel/tracing && exec "$@"'
 
 
 @pytest.mark.parametrize(
-    ("caps", "missing"),
-    [([], "cannot read tracefs"), (["dac"], "perf_event_open refused"), (["dac", "perfmon"], None)],
-)
+    ("caps", "missing", "source"),
+    [([], "cannot read tracefs", None), (["dac"], "perf_event_open refused", None),
+     (["dac", "perfmon"], None, "perf"), (["perfmon", "bpf"], None, "bpf")],
+)  # fmt: skip
 def test_abort_events_need_perfmon_and_tracefs_access(
     ns: netlab.Netns, mountpoint: Path, rules: Path, tmp_path: Path,
-    caps: list[str], missing: str | None,
+    caps: list[str], missing: str | None, source: str | None,
 ) -> None:  # fmt: skip
     """Without CAP_PERFMON (or the tracefs formats) the agent says so once and audits on;
-    ``watch`` exits 3 with the same one line. With both, the agent reads the events.
-    ``ip netns exec`` mounts a sysfs of its own, without tracefs: root mounts it there first."""
+    ``watch`` exits 3 with the same one line. With CAP_BPF and CAP_PERFMON it reads the BPF
+    program's aborts; without CAP_BPF it falls back to the tracepoints through perf, saying
+    why once. ``ip netns exec`` mounts a sysfs of its own, without tracefs: root mounts it
+    there first."""
     argv = [*TRACEFS, *nobody_argv(mountpoint, caps, [
         "run", "--config.file", str(rules), "--audit.interval", "1s",
         "--web.listen-address", "127.0.0.1:9977", "--log.format", "json",
@@ -315,9 +318,15 @@ def test_abort_events_need_perfmon_and_tracefs_access(
     lines = [json.loads(x) for x in log_path.read_text().splitlines()]
     off = [x for x in lines if x["msg"] == "abort events off, the audits go on"]
     assert got is not None and got.value("keepalive_events_up") == (0 if missing else 1)
+    said = [x for x in lines if x["msg"].startswith("abort events from")]
+    for name in ("bpf", "perf"):
+        assert got.total("keepalive_events_source", source=name) == (name == source)
     if missing is None:
-        assert off == []
+        assert off == [] and [x["source"] for x in said] == [source], said
+        if source == "perf":  # why not BPF, once: the capability it lacked
+            assert "BPF: loading aborts.bpf.o: Operation not permitted" in said[0]["msg"], said
         return
+    assert said == []
     assert len(off) == 1 and missing in off[0]["error"], off
     assert not [x for x in lines if x["level"] == "error"]
     watch = ns.run([*TRACEFS, *nobody_argv(mountpoint, caps, ["watch"])], check=False, timeout=30)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
@@ -28,6 +30,9 @@ import pytest
 from agent import Agent, Agents, basic_auth, wait_for
 
 from auditd import page
+from auditd.abort_records import AbortRecord
+from auditd.aborts import Reason
+from auditd.events import RECENT, AbortState
 from auditd.exporter import ExporterState
 from auditd.model import Counters, Finding, Severity, Sysctls
 from auditd.results import AuditResult, NamespaceReport
@@ -82,6 +87,51 @@ def test_page_escapes_everything_and_puts_the_worst_namespace_first() -> None:
     assert '<a href="/metrics">' in text and f'<a href="{page.API_PATH}">' in text
 
 
+def _record(i: int, **kw: Any) -> AbortRecord:
+    base: dict[str, Any] = dict(
+        time=1000.0 + i, netns="host", local=f"10.0.0.5:{40000 + i}", remote="10.0.0.6:5432",
+        reason=Reason.KEEPALIVE_TIMEOUT, state="established", errno=110, predicted=True,
+        rule="default", retransmits=0, probes=4, reported_seconds_before=2.5,
+        finding="keepalive_probing", keepalive=True, keepidle=2, keepintvl=1, keepcnt=4,
+        user_timeout_ms=0, settings="kernel", pid=77, process="psql",
+    )  # fmt: skip
+    base.update(kw)
+    return AbortRecord(**base)
+
+
+def test_page_shows_the_last_aborts_escaped_newest_first() -> None:
+    result = AuditResult(0.0, 0.1, (_ns("host", {}),), ())
+    evil = _record(2, netns='pod:"><i>', process="<script>", unit=EVIL, reason=Reason.PEER_RESET)
+    aborts = AbortState(source="bpf", recent=(_record(1), evil))
+    text = page.render(ExporterState(result=result, aborts=aborts))
+    assert "<script" not in text and "<i>" not in text
+    assert "pid 77 &lt;script&gt;, unit " + html_text(EVIL) in text
+    assert "The last 2 (at most 20), newest first; events from bpf." in text
+    assert text.index("10.0.0.5:40002") < text.index("10.0.0.5:40001")
+    assert "yes: keepalive_probing, reported 2.5 s before" in text
+    assert "keepalive on 2/1/4, user timeout 0 ms (kernel)" in text
+    off = page.render(ExporterState(result=result, aborts=AbortState(error="<no perfmon>")))
+    assert "Abort events are off: &lt;no perfmon&gt;" in off
+
+
+def test_the_agent_keeps_only_the_last_aborts() -> None:
+    from auditd.events import AbortWatch
+
+    watch = AbortWatch(logging_null())
+    for i in range(RECENT + 5):
+        watch._add(_record(i))
+    assert [r.time for r in watch.state.recent] == [1000.0 + i for i in range(5, RECENT + 5)]
+
+
+def logging_null() -> Any:
+    import logging
+
+    log = logging.getLogger("test-page-aborts")
+    log.addHandler(logging.NullHandler())
+    log.propagate = False
+    return log
+
+
 def test_page_before_the_first_audit_and_its_style_hash() -> None:
     text = page.render(ExporterState(), metrics_path="/m")
     assert "No audit has finished yet." in text and '<a href="/m">' in text and "never" in text
@@ -107,6 +157,7 @@ class Site:
     rules: Path
     owner_pid: int
     owner_port: int  # local port of the owner's idle connection
+    peer: socket.socket  # the accepted end of it, held by the test
 
     def url(self, path: str) -> str:
         return f"https://127.0.0.1:{self.agent.port}{path}"
@@ -160,13 +211,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         owner = ns.spawn([sys.executable, str(tmp / "o.py"), EVIL, str(listener.getsockname()[1])])
         assert owner.stdout is not None
         port = int(owner.stdout.readline())
-        ns.adopt(listener.accept()[0])
+        peer = ns.adopt(listener.accept()[0])
         ctx = ssl.create_default_context(cafile=str(tmp / "server.crt"))
         agent = agents.start(
             "--web.config.file", str(web), config=rules, scheme="https",
             scrape_kwargs={"context": ctx, "headers": AUTH},
         )  # fmt: skip
-        the_site = Site(agent, ns, tmp / "server.crt", rules, owner.pid, port)
+        the_site = Site(agent, ns, tmp / "server.crt", rules, owner.pid, port, peer)
         # Idle past 2 s (critical) and attributed to the owner.
         wait_for(
             "the owner's critical finding",
@@ -183,7 +234,8 @@ def test_api_is_the_document_of_audit_format_json(site: Site) -> None:
     served = site.findings()
     cli = site.netns.audit(site.rules).doc
     assert served is not None and cli is not None
-    assert served.keys() == cli.keys() and served["schema_version"] == cli["schema_version"] == 1
+    assert served.keys() - {"recent_aborts"} == cli.keys()  # the agent's last aborts beyond it
+    assert served["schema_version"] == cli["schema_version"] == 1
     assert served["namespaces"][0].keys() == cli["namespaces"][0].keys()
     mine, theirs = _owned_finding(served, site.owner_port), _owned_finding(cli, site.owner_port)
     assert mine is not None and theirs is not None and mine.keys() == theirs.keys()
@@ -257,3 +309,28 @@ def test_headless_browser_shows_the_real_findings_as_text(site: Site) -> None:
     assert "7200 / 75 / 9" in seen["body"] and "net.ipv4.tcp_fin_timeout = 60" in seen["body"]
     assert "7875 s" in seen["body"] and "errors since start" in seen["body"]
     assert site.url("/metrics") in seen["links"] and site.url(page.API_PATH) in seen["links"]
+
+
+def test_the_last_aborts_on_the_api_and_in_the_browser(site: Site) -> None:
+    """The owner's connection reset by its peer: the agent's events (BPF here) show it on the
+    page and in the API, its owner escaped, behind the same auth. Last: it ends the
+    connection the other tests look at."""
+    site.peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    site.peer.close()  # an RST to the owner, who is not reading: the kernel aborts it
+
+    def mine() -> dict[str, Any] | None:
+        doc = site.findings() or {}
+        local = f"127.0.0.1:{site.owner_port}"
+        return next((a for a in doc.get("recent_aborts", []) if a["local"] == local), None)
+
+    abort = wait_for("the owner's abort in the API", mine, 15)
+    assert abort["reason"] == "peer_reset" and abort["predicted"] is True
+    assert abort["pid"] == site.owner_pid and abort["process"] == "<script>"
+    assert site.get(page.API_PATH, auth=False)[0] == 401
+    if shutil.which("chromium") is None or shutil.which("chromedriver") is None:
+        pytest.skip("needs chromium and chromium-driver (.ci/run installs them)")
+    seen: dict[str, Any] = site.netns.call(lambda: _browse(site.url("/")))
+    assert seen["scripts"] == 0 and "Connections the kernel aborted" in seen["body"]
+    line = next(x for x in seen["body"].splitlines() if f"127.0.0.1:{site.owner_port} ->" in x
+                and "peer_reset" in x)  # fmt: skip
+    assert f"pid {site.owner_pid} <script>" in line and "yes: idle_no_keepalive" in line
