@@ -276,8 +276,8 @@ class _Dumped:
     def _kernel_pass(self, source: KernelSource, kernel: KernelAudit) -> bool:
         """The namespace's counts and candidates from the kernel's audit pass; False (and
         ``source_note`` says why) when the dump has to serve instead."""
-        if source.enter() is None:  # no kernel namespace behind it (a fake, a recording)
-            return False
+        if source.enter() is None or source.netns_inode() is None:
+            return False  # no kernel namespace behind it (a fake, a recording, a fake /proc)
         if _rule_watcher(self.rules, set()) is not None:
             self.source_note = KERNEL_PASS_NEEDS_EVERY_SOCKET
             return False
