@@ -53,6 +53,8 @@ def loosest(rules: RuleSet, cap: float | None = None) -> Thresholds:
 
 
 def _loosest_of(every: list[Thresholds], cap: float | None) -> Thresholds:
+    if len(every) == 1 and (cap is None or cap >= every[0].idle_timeout):
+        return every[0]
     if cap is not None:
         every = [replace(t, idle_timeout=cap) if cap < t.idle_timeout else t for t in every]
     idle_timeout = min(t.idle_timeout for t in every)
@@ -85,7 +87,25 @@ class ByPort:
     local: dict[int, Thresholds]
 
 
+# by_port's last answers, per rule set (by identity: a RuleSet is frozen, and a reload brings
+# a new one), defaults and cap: an audit of every namespace asks each time, and a file of
+# 14,047 port rules takes 0.1-0.3 s to split.
+_by_port_cache: dict[tuple[int, Thresholds, float | None], tuple[RuleSet, ByPort]] = {}
+
+
 def by_port(rules: RuleSet, cap: float | None = None) -> ByPort:
+    key = (id(rules.rules), rules.defaults, cap)
+    hit = _by_port_cache.get(key)
+    if hit is not None and hit[0].rules is rules.rules:
+        return hit[1]
+    if len(_by_port_cache) >= 16:
+        _by_port_cache.clear()
+    split = _by_port(rules, cap)
+    _by_port_cache[key] = (rules, split)
+    return split
+
+
+def _by_port(rules: RuleSet, cap: float | None) -> ByPort:
     general = [rules.defaults]
     remote: dict[int, list[Thresholds]] = {}
     local: dict[int, list[Thresholds]] = {}
@@ -120,7 +140,97 @@ def _raw_port(port: int) -> int:
     return int.from_bytes(port.to_bytes(2, "big"), sys.byteorder)
 
 
-class Tally:
+class _Limits:
+    """The pre-filter's thresholds in whole milliseconds, and the pre-filter on one socket."""
+
+    def __init__(self, limits: Thresholds, defaults_silence: float = math.inf) -> None:
+        self.limits = limits
+        warn = limits.warn_at * limits.idle_timeout
+        timeout, close_wait = limits.idle_timeout, limits.close_wait_after
+        # Idle this long, a socket may be flagged: without keepalive, or with one too slow.
+        self.warn_ms = _first_ms(lambda s: s >= warn, warn)
+        # keepalive_too_slow (audit.cadence) needs the path idle past the warning and a
+        # silence past the idle timeout: proven by the timer (the next probe this far after
+        # the last segment received), or presumed from the namespace's keepalive values.
+        self.probe_ms = _first_ms(lambda s: s >= timeout, timeout) - 1
+        self.slow_defaults = defaults_silence >= timeout
+        self.close_wait_ms = _first_ms(lambda s: s >= close_wait, close_wait)
+        self.retransmits = limits.retransmit_threshold
+
+    def _within(self, other: _Limits) -> bool:
+        """Every socket this pre-filter keeps, ``other`` keeps too (each threshold is
+        monotonic: a lower one keeps more)."""
+        return (
+            self.warn_ms >= other.warn_ms
+            and self.probe_ms >= other.probe_ms
+            and (other.slow_defaults or not self.slow_defaults)
+            and self.close_wait_ms >= other.close_wait_ms
+            and self.retransmits >= other.retransmits
+        )
+
+    def _keeps(self, sock: Sock) -> bool:
+        """The pass's pre-filter on one socket, not inlined (``could_flag`` runs the pass)."""
+        if sock.state != TcpState.ESTABLISHED:
+            return self._keeps_other(sock)
+        heard = recv_idle_ms(sock)
+        idle = path_idle_ms(sock)
+        timer = sock.timer
+        if timer == TimerKind.NONE:
+            return idle >= self.warn_ms
+        if timer == TimerKind.KEEPALIVE:
+            return sock.retrans > 0 or (idle >= self.warn_ms and (
+                self.slow_defaults or heard + sock.expires_ms >= self.probe_ms))  # fmt: skip
+        if timer == TimerKind.RETRANSMIT or timer == TimerKind.ZERO_WINDOW_PROBE:
+            return sock.retrans >= self.retransmits
+        return False
+
+    def _keeps_other(self, sock: Sock) -> bool:
+        """The pre-filter outside ESTABLISHED: only CLOSE_WAIT has findings (its timer is
+        still the keepalive timer; in FIN_WAIT2 it counts down tcp_fin_timeout)."""
+        if sock.state != TcpState.CLOSE_WAIT:
+            return False
+        heard = recv_idle_ms(sock)
+        if heard >= self.close_wait_ms:
+            return True
+        timer = sock.timer
+        if timer == TimerKind.RETRANSMIT or timer == TimerKind.ZERO_WINDOW_PROBE:
+            return sock.retrans >= self.retransmits
+        if timer == TimerKind.KEEPALIVE:
+            return sock.retrans > 0 or (path_idle_ms(sock) >= self.warn_ms and (
+                self.slow_defaults or heard + sock.expires_ms >= self.probe_ms))  # fmt: skip
+        return False
+
+
+_PortLimits = tuple[_Limits, dict[int, _Limits], dict[int, _Limits]]
+# The pass's thresholds by port, per ``by_port`` answer (by identity) and silence.
+_port_limits_cache: dict[tuple[int, float], tuple[ByPort, _PortLimits]] = {}
+
+
+def _port_limits(ports: ByPort, defaults_silence: float) -> _PortLimits:
+    """(general, by raw remote port, by raw local port): the ports' only where they keep more
+    than the general ones; equal thresholds share one ``_Limits``."""
+    key = (id(ports), defaults_silence)
+    hit = _port_limits_cache.get(key)
+    if hit is not None and hit[0] is ports:
+        return hit[1]
+    general = _Limits(ports.general, defaults_silence)
+    made: dict[Thresholds, _Limits] = {}
+    remote: dict[int, _Limits] = {}
+    local: dict[int, _Limits] = {}
+    for table, into in ((ports.remote, remote), (ports.local, local)):
+        for port, t in table.items():
+            sub = made.get(t)
+            if sub is None:
+                sub = made[t] = _Limits(t, defaults_silence)
+            if not sub._within(general):
+                into[_raw_port(port)] = sub
+    if len(_port_limits_cache) >= 16:
+        _port_limits_cache.clear()
+    _port_limits_cache[key] = (ports, (general, remote, local))
+    return general, remote, local
+
+
+class Tally(_Limits):
     """Counts every socket by state and keepalive status, the idle ages of ESTABLISHED ones,
     and hands the sockets the pre-filter keeps on."""
 
@@ -134,47 +244,20 @@ class Tally:
         (``inference.probe_cadence``), the silence presumed for a socket on them.
         ``ports``: the same thresholds split by the ports rules require (``by_port``); the
         pass then keeps fewer sockets, never one that ``limits`` alone would drop and some
-        rule flags. The attributes below stay those of ``limits``, the loosest of all."""
-        self.limits = limits
-        warn = limits.warn_at * limits.idle_timeout
-        timeout, close_wait = limits.idle_timeout, limits.close_wait_after
-        # Idle this long, a socket may be flagged: without keepalive, or with one too slow.
-        self.warn_ms = _first_ms(lambda s: s >= warn, warn)
-        # keepalive_too_slow (audit.cadence) needs the path idle past the warning and a
-        # silence past the idle timeout: proven by the timer (the next probe this far after
-        # the last segment received), or presumed from the namespace's keepalive values.
-        self.probe_ms = _first_ms(lambda s: s >= timeout, timeout) - 1
-        self.slow_defaults = defaults_silence >= timeout
-        self.close_wait_ms = _first_ms(lambda s: s >= close_wait, close_wait)
-        self.retransmits = limits.retransmit_threshold
+        rule flags. The thresholds of ``_Limits`` stay those of ``limits``, the loosest of
+        all (what a kernel pass is given)."""
+        super().__init__(limits, defaults_silence)
         self.counts = [0] * (64 * 3)  # state * 3 + keepalive index
         self.hist = [[0] * (len(IDLE_BUCKETS) + 1) for _ in Keepalive.ALL]
         self.idle_ms_sum = [0, 0, 0]
         self.total = 0
         # The pass's own thresholds: the general ones, and by raw port those of the rules
         # that require it, where they keep more than the general ones.
-        self._general = self
-        self._remote: dict[int, Tally] = {}
-        self._local: dict[int, Tally] = {}
+        self._general: _Limits = self
+        self._remote: dict[int, _Limits] = {}
+        self._local: dict[int, _Limits] = {}
         if ports is not None:
-            general = Tally(ports.general, defaults_silence)
-            for table, into in ((ports.remote, self._remote), (ports.local, self._local)):
-                for port, t in table.items():
-                    sub = Tally(t, defaults_silence)
-                    if not sub._within(general):
-                        into[_raw_port(port)] = sub
-            self._general = general
-
-    def _within(self, other: Tally) -> bool:
-        """Every socket this pre-filter keeps, ``other`` keeps too (each threshold is
-        monotonic: a lower one keeps more)."""
-        return (
-            self.warn_ms >= other.warn_ms
-            and self.probe_ms >= other.probe_ms
-            and (other.slow_defaults or not self.slow_defaults)
-            and self.close_wait_ms >= other.close_wait_ms
-            and self.retransmits >= other.retransmits
-        )
+            self._general, self._remote, self._local = _port_limits(ports, defaults_silence)
 
     def run(
         self,
@@ -234,38 +317,6 @@ class Tally:
             return True
         sub = self._local.get(sock.sport_raw)
         return sub is not None and sub._keeps(sock)
-
-    def _keeps(self, sock: Sock) -> bool:
-        """The pass's pre-filter on one socket, not inlined (``could_flag`` runs the pass)."""
-        if sock.state != TcpState.ESTABLISHED:
-            return self._keeps_other(sock)
-        heard = recv_idle_ms(sock)
-        idle = path_idle_ms(sock)
-        timer = sock.timer
-        if timer == TimerKind.NONE:
-            return idle >= self.warn_ms
-        if timer == TimerKind.KEEPALIVE:
-            return sock.retrans > 0 or (idle >= self.warn_ms and (
-                self.slow_defaults or heard + sock.expires_ms >= self.probe_ms))  # fmt: skip
-        if timer == TimerKind.RETRANSMIT or timer == TimerKind.ZERO_WINDOW_PROBE:
-            return sock.retrans >= self.retransmits
-        return False
-
-    def _keeps_other(self, sock: Sock) -> bool:
-        """The pre-filter outside ESTABLISHED: only CLOSE_WAIT has findings (its timer is
-        still the keepalive timer; in FIN_WAIT2 it counts down tcp_fin_timeout)."""
-        if sock.state != TcpState.CLOSE_WAIT:
-            return False
-        heard = recv_idle_ms(sock)
-        if heard >= self.close_wait_ms:
-            return True
-        timer = sock.timer
-        if timer == TimerKind.RETRANSMIT or timer == TimerKind.ZERO_WINDOW_PROBE:
-            return sock.retrans >= self.retransmits
-        if timer == TimerKind.KEEPALIVE:
-            return sock.retrans > 0 or (path_idle_ms(sock) >= self.warn_ms and (
-                self.slow_defaults or heard + sock.expires_ms >= self.probe_ms))  # fmt: skip
-        return False
 
     def reclassify(self, sock: Sock, was: Keepalive, now: Keepalive) -> None:
         """Moves a socket counted as ``was`` to keepalive status ``now`` (socket inspection)."""

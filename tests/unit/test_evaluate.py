@@ -659,6 +659,23 @@ def test_a_tight_rule_for_one_port_keeps_only_its_sockets() -> None:
     assert socket_findings(local, replace_port(close_wait, sport=22), None, s, NS)
 
 
+def test_by_port_is_worked_out_once_per_rule_set() -> None:
+    # A file of 14,047 port rules (bench/attack.py rules) took 0.1-0.3 s to split and as much
+    # again for the pass's thresholds: once per rule set, cap and silence, not per audit.
+    many = tuple(rule(f"r{i}", match=Match(remote_ports=frozenset({i + 1})), idle_timeout=300)
+                 for i in range(2000))  # fmt: skip
+    rules = ruleset(*many)
+    assert by_port(rules) is by_port(rules)
+    assert by_port(rules, 60.0) is not by_port(rules)
+    assert by_port(ruleset(*many)) is not by_port(rules)  # a reload: a new rule set
+    a, b = (
+        Tally(loosest(rules), 7200.0, by_port(rules)),
+        Tally(loosest(rules), 7200.0, by_port(rules)),
+    )
+    assert a._remote == b._remote and len(a._remote) == 2000
+    assert len({id(limits) for limits in a._remote.values()}) == 1  # equal thresholds: one
+
+
 def replace_port(sock: Sock, sport: int) -> Sock:
     return sock._replace(sport_raw=make_sock(sport=sport).sport_raw)
 
