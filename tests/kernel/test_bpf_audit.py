@@ -319,3 +319,20 @@ def test_agent_logs_a_failing_pass_once_and_its_recovery_once(tmp_path: Path) ->
     assert len(failed) == 1 and "audit.bpf.o" in failed[0]["error"]
     assert [e["msg"] for e in events].count("BPF audit pass working again") == 1
     assert not any(e["msg"].startswith("BPF iterators unavailable") for e in events)
+
+
+def test_parameters_keyed_by_another_inode_are_a_failure(lab: netlab.Lab, iters: Iterators) -> None:
+    """A source that names the wrong namespace inode: the pass counts nothing under its
+    parameters, and the audit says so and dumps instead of reporting zero sockets."""
+    mix = bpfmix.build(lab)
+    st = os.stat(mix.a.path)
+
+    class Misnamed(NamespaceKernel):
+        def netns_inode(self) -> int | None:
+            return st.st_ino + 1
+
+    source = Misnamed(NamespaceRef(st.st_dev, st.st_ino, mix.a.path, mix.a.name))
+    report, _ = audit_namespace(bpfmix.RULES, source, mix.a.name, kernel=BpfKernelAudit(iters))
+    assert report.source == "sock_diag"
+    assert report.source_note is not None and "no parameters for" in report.source_note
+    assert report.sockets == len(_dump(mix.a))

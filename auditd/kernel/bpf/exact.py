@@ -198,6 +198,10 @@ class BpfKernelAudit:
             inode, params.general.pack(), enter, params.port_entries(inode)
         )
         try:
-            return decode_audit(data)
+            out = decode_audit(data)
         except RecordError as exc:
             raise BpfUnavailable(f"BPF: {exc}") from exc
+        missed = out.aggregates.unconfigured
+        if missed:  # another namespace's inode than the one the parameters were keyed by
+            raise BpfUnavailable(f"BPF: the audit pass found no parameters for {missed} sockets")
+        return out
