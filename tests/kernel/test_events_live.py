@@ -145,9 +145,10 @@ def flagged(st: Stage, local: str, kind: str) -> None:
 
 def aborted(st: Stage, local: str, timeout: float = 30) -> tuple[dict[str, Any], dict[str, Any]]:
     """The agent's line and watch's JSON of the abort. From perf, a timer-driven abort's
-    events are now and then counted by the kernel and never delivered (perf.py): then the
-    agent must have counted events lost and watch said so, and the row is an xfail; a loss
-    that neither of them noticed fails it."""
+    events are now and then counted by the kernel and never delivered (perf.py); from either
+    source a burst of aborts elsewhere on the machine can fill the buffer. Then the agent
+    must have counted events lost and watch said so, and the row is an xfail; a loss that
+    neither of them noticed fails it."""
 
     def logged() -> dict[str, Any] | None:
         return next((d for d in st.agent.log() if d.get("local") == local
@@ -171,8 +172,7 @@ def aborted(st: Stage, local: str, timeout: float = 30) -> tuple[dict[str, Any],
         time.sleep(0 if line is None else 2)
         doc = st.watch.abort(local)
     if line is None or doc is None:
-        assert st.source == "perf", (line, doc)
-        pytest.xfail("perf: the kernel counted the abort's events and did not deliver them")
+        pytest.xfail(f"{st.source}: the abort's events were lost, and counted lost")
     return line, doc
 
 

@@ -129,9 +129,11 @@ struct slot {
 	__u32 cause;
 };
 
+/* 1 MiB: about 9500 records, what a burst of resets elsewhere on the host (a process with
+ * 100k connections killed, its peers reset) can fill between two reads of the agent. */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 256 * 1024);
+	__uint(max_entries, 1024 * 1024);
 } aborts SEC(".maps");
 
 struct {
