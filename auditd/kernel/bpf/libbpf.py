@@ -214,7 +214,7 @@ def read_iter(fd: int) -> bytes:
 
 class RingBuffer:
     """A BPF_MAP_TYPE_RINGBUF map read through libbpf: ``poll`` waits at most ``timeout``
-    seconds and returns the records that came, each copied out as bytes."""
+    seconds for a wakeup, then reads every record in the ring, each copied out as bytes."""
 
     def __init__(self, lib: Libbpf, map_fd: int, name: str) -> None:
         self._lib, self.name = lib, name
@@ -236,6 +236,12 @@ class RingBuffer:
         if not self._ptr:
             raise BpfUnavailable(f"BPF: ring buffer {self.name} is closed")
         err = int(self._lib.lib.ring_buffer__poll(self._ptr, int(timeout * 1000)))
+        if err >= 0 or -err == errno.EINTR:
+            # Then whatever is in the ring without its wakeup: the kernel notifies only when
+            # the reader has caught up (adaptive wakeup, kernel/bpf/ringbuf.c), from an
+            # irq_work; seen here on 6.18, records sat in the ring while the poll timed out,
+            # and every later one waited behind them.
+            err = int(self._lib.lib.ring_buffer__consume(self._ptr))
         if err < 0 and -err != errno.EINTR:
             raise BpfUnavailable(f"BPF: reading ring buffer {self.name}: {os.strerror(-err)}", -err)
         got, self._got = self._got, []
