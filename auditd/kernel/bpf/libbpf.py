@@ -237,10 +237,9 @@ class RingBuffer:
             raise BpfUnavailable(f"BPF: ring buffer {self.name} is closed")
         err = int(self._lib.lib.ring_buffer__poll(self._ptr, int(timeout * 1000)))
         if err >= 0 or -err == errno.EINTR:
-            # Then whatever is in the ring without its wakeup: the kernel notifies only when
-            # the reader has caught up (adaptive wakeup, kernel/bpf/ringbuf.c), from an
-            # irq_work; seen here on 6.18, records sat in the ring while the poll timed out,
-            # and every later one waited behind them.
+            # Then whatever else is in the ring, announced or not: the kernel notifies only
+            # when the reader has caught up (adaptive wakeup, kernel/bpf/ringbuf.c), from an
+            # irq_work, so a late wakeup would hold back every later record too.
             err = int(self._lib.lib.ring_buffer__consume(self._ptr))
         if err < 0 and -err != errno.EINTR:
             raise BpfUnavailable(f"BPF: reading ring buffer {self.name}: {os.strerror(-err)}", -err)
