@@ -16,6 +16,7 @@
 #include "core.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
+#include "sock.h"
 #include <bpf/bpf_endian.h>
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
@@ -182,26 +183,6 @@ int peer_rst(unsigned long long *ctx)
 {
 	remember((struct sock *)ctx[0], CAUSE_PEER_RST);
 	return 0;
-}
-
-static __always_inline unsigned long sk_flags(struct sock *sk)
-{
-	struct sock___flags_in_sock *old = (void *)sk;
-
-	if (bpf_core_field_exists(old->sk_flags))
-		return BPF_CORE_READ(old, sk_flags);
-	return BPF_CORE_READ(sk, __sk_common.skc_flags);
-}
-
-static __always_inline __u64 sock_ino(struct sock *sk)
-{
-	struct socket *sock = BPF_CORE_READ(sk, sk_socket);
-	struct socket_alloc *alloc;
-
-	if (!sock)
-		return 0;
-	alloc = (void *)sock - bpf_core_field_offset(struct socket_alloc, socket);
-	return BPF_CORE_READ(alloc, vfs_inode.i_ino);
 }
 
 static __always_inline int established(int state)

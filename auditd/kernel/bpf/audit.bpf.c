@@ -16,6 +16,7 @@
 #include "core.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
+#include "sock.h"
 #include <bpf/bpf_endian.h>
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
@@ -176,15 +177,6 @@ static __always_inline __u32 delta_ms(unsigned long expires, __u64 now)
 	return delta > 0 ? to_ms(delta) : 0;
 }
 
-static __always_inline unsigned long sk_flags(struct sock *sk)
-{
-	struct sock___flags_in_sock *old = (void *)sk;
-
-	if (bpf_core_field_exists(old->sk_flags))
-		return BPF_CORE_READ(old, sk_flags);
-	return BPF_CORE_READ(sk, __sk_common.skc_flags);
-}
-
 /* icsk_timeout(): the retransmit timer's expiry (a field of its own before 6.14). */
 static __always_inline unsigned long icsk_timeout(struct inet_connection_sock *icsk)
 {
@@ -193,17 +185,6 @@ static __always_inline unsigned long icsk_timeout(struct inet_connection_sock *i
 	if (bpf_core_field_exists(old->icsk_timeout))
 		return BPF_CORE_READ(old, icsk_timeout);
 	return BPF_CORE_READ(icsk, icsk_retransmit_timer.expires);
-}
-
-static __always_inline __u64 sock_ino(struct sock *sk)
-{
-	struct socket *sock = BPF_CORE_READ(sk, sk_socket);
-	struct socket_alloc *alloc;
-
-	if (!sock)
-		return 0;
-	alloc = (void *)sock - bpf_core_field_offset(struct socket_alloc, socket);
-	return BPF_CORE_READ(alloc, vfs_inode.i_ino);
 }
 
 static __always_inline __u32 bucket(const struct audit_params *p, __u64 idle)

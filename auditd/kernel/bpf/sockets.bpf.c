@@ -9,6 +9,7 @@
 #include "core.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
+#include "sock.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -29,27 +30,6 @@ struct sock_rec {
 	__u8 keepopen;          /* SO_KEEPALIVE */
 	__u8 family;
 };
-
-static __always_inline unsigned long sk_flags(struct sock *sk)
-{
-	struct sock___flags_in_sock *old = (void *)sk;
-
-	if (bpf_core_field_exists(old->sk_flags))
-		return BPF_CORE_READ(old, sk_flags);
-	return BPF_CORE_READ(sk, __sk_common.skc_flags);
-}
-
-static __always_inline __u64 sock_ino(struct sock *sk)
-{
-	struct socket *sock = BPF_CORE_READ(sk, sk_socket);
-	struct socket_alloc *alloc;
-
-	if (!sock)
-		return 0;
-	/* SOCK_INODE(): the inode sits next to the socket in struct socket_alloc. */
-	alloc = (void *)sock - bpf_core_field_offset(struct socket_alloc, socket);
-	return BPF_CORE_READ(alloc, vfs_inode.i_ino);
-}
 
 SEC("iter/tcp")
 int keepalive_sockets(struct bpf_iter__tcp *ctx)
