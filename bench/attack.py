@@ -138,6 +138,7 @@ def _load() -> str:
 
 def bench_rules(count: int) -> dict[str, Any]:
     from auditd.config import load_rules
+    from auditd.config.errors import ConfigError
 
     tmp = tempfile.mkdtemp(prefix="keepalive-attack-")
     path = os.path.join(tmp, "rules.yaml")
@@ -150,6 +151,20 @@ def bench_rules(count: int) -> dict[str, Any]:
         load_rules(path)
         loads.append(time.perf_counter() - started)
         cpu.append(time.thread_time() - started_cpu)
+    # The same file cut off in its last line: rejected, with the line, after reading it all.
+    bad = os.path.join(tmp, "invalid.yaml")
+    with open(path) as f, open(bad, "w") as out:
+        out.write(f.read() + "  - name: [cut\n")
+    os.utime(bad, (time.time() - 10, time.time() - 10))
+    rejected, error = [], ""
+    for _ in range(3):
+        started_cpu = time.thread_time()
+        try:
+            load_rules(bad)
+        except ConfigError as exc:
+            error = str(exc)
+        rejected.append(time.thread_time() - started_cpu)
+    os.remove(bad)
     agent = Agent("--config.file", path)
     try:
         agent.wait_line("listening")
@@ -180,6 +195,7 @@ def bench_rules(count: int) -> dict[str, Any]:
         "rules": count, "file_bytes": size, "load_average": load_before,
         "load_seconds_median": round(sorted(loads)[1], 3),
         "load_cpu_seconds_median": round(sorted(cpu)[1], 3),
+        "invalid_cpu_seconds_median": round(sorted(rejected)[1], 3), "invalid_error": error,
         "agent_reload_seconds": round(reload_s, 3),
         "scrapes_during_reload": len(during),
         "scrape_during_reload_max_ms": round(max(during, default=0) * 1000, 1),

@@ -15,13 +15,15 @@ things, each dealt with here:
 
 The tree is the one PyYAML's composer builds from the same events (same node classes, tags,
 values, marks, shared nodes for aliases; tests/process/test_hardening.py compares them).
-Anything ``compose_tree`` does not take (invalid YAML, a second document, an undefined
-alias) is composed again by PyYAML's pure-Python loader, whose errors and lines are the ones
-this project reports (``config.nodes.compose_yaml``).
+Text that is not one YAML document raises ``Malformed`` with libyaml's line and problem (or
+this composer's: a second document, an undefined alias, an anchor twice): PyYAML's
+pure-Python loader would name the same line, but it took 3.4-4 s to get there through an
+invalid 1 MiB file. Only without libyaml (``NotTaken``) does the caller use that loader.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import threading
 from collections.abc import Iterator
@@ -58,19 +60,59 @@ class TooDeep(Exception):
 
 
 class NotTaken(Exception):
-    """Not composed here (no libyaml, invalid YAML, ...): compose with PyYAML's loader."""
+    """Not composed here (no libyaml, input libyaml refuses to take): use PyYAML's loader."""
+
+
+class Malformed(Exception):
+    """Not one YAML document: ``line`` (1-based) is where, ``problem`` says what."""
+
+    def __init__(self, line: int, problem: str) -> None:
+        super().__init__(problem)
+        self.line = line
+        self.problem = problem
+
+
+_NO_TOKEN = "found character that cannot start any token"  # libyaml's words
+
+
+def error_at(exc: yaml.YAMLError, text: str, libyaml: bool = False) -> tuple[int, str]:
+    """The line and problem of a parser's error, from libyaml's or from PyYAML's loader."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or exc.context or "syntax error"
+        if libyaml and mark is not None and exc.problem == _NO_TOKEN:
+            with contextlib.suppress(IndexError):  # name it, as PyYAML's loader does
+                char = text.split("\n", mark.line + 1)[mark.line][mark.column]
+                problem = f"found character {char!r} that cannot start any token"
+        if exc.problem and exc.context:
+            problem = f"{problem} ({exc.context})"
+        return (mark.line + 1 if mark is not None else 1), problem
+    if isinstance(exc, yaml.reader.ReaderError):  # a character YAML forbids, e.g. NUL
+        # PyYAML's loader counts characters, libyaml bytes of the UTF-8 text
+        if libyaml:
+            before = text.encode("utf-8", "surrogatepass")[: exc.position].decode(
+                "utf-8", "replace"
+            )
+        else:
+            before = text[: exc.position]
+        char = exc.character  # the code point for str input
+        shown = f"#x{char:04x}" if isinstance(char, int) else repr(char)
+        return before.count("\n") + 1, f"unacceptable character {shown}: {exc.reason}"
+    return 1, str(exc)  # no other kind is known to come from a parser; to be safe
 
 
 def compose_tree(text: str) -> Node | None:
     """The root node of the one YAML document in ``text``, None if it has none.
 
-    Raises TooDeep, or NotTaken for anything else that is not one plain document.
+    Raises TooDeep, Malformed, or NotTaken when libyaml is not there to do it.
     """
     if _CPARSER is None or Resolver.yaml_path_resolvers:
         raise NotTaken("no libyaml, or path resolvers that only PyYAML's composer applies")
     try:
         return _compose(_CPARSER(text))
-    except (yaml.YAMLError, UnicodeError, ValueError, TypeError) as exc:
+    except yaml.YAMLError as exc:
+        raise Malformed(*error_at(exc, text, libyaml=True)) from None
+    except (UnicodeError, ValueError, TypeError) as exc:  # lone surrogates, for one
         raise NotTaken(str(exc)) from None
 
 
@@ -108,7 +150,7 @@ def _compose(parser: Any) -> Node | None:
                 tag, event.value, event.start_mark, event.end_mark, event.style or None
             )
             if event.anchor is not None:
-                _anchor(anchors, event.anchor, node)
+                _anchor(anchors, event, node)
         elif kind is MappingStartEvent or kind is SequenceStartEvent:
             if len(outer) >= MAX_DEPTH:
                 raise TooDeep(event.start_mark.line + 1)
@@ -119,7 +161,7 @@ def _compose(parser: Any) -> Node | None:
             cls = MappingNode if mapping else SequenceNode
             node = cls(tag, [], event.start_mark, None, flow_style=event.flow_style)
             if event.anchor is not None:
-                _anchor(anchors, event.anchor, node)
+                _anchor(anchors, event, node)
             outer.append((node, parent, in_mapping, key))
             parent, in_mapping, key = node.value, mapping, None
             continue
@@ -129,12 +171,12 @@ def _compose(parser: Any) -> Node | None:
         elif kind is AliasEvent:
             found = anchors.get(event.anchor)
             if found is None:
-                raise NotTaken(f"undefined alias {event.anchor!r}")
+                raise Malformed(_line(event), f"found undefined alias {event.anchor!r}")
             node = found
         elif kind is DocumentEndEvent:
             break
         else:  # no other event comes inside a document
-            raise NotTaken(f"unexpected {kind.__name__}")
+            raise Malformed(_line(event), f"unexpected {kind.__name__}")
         if parent is None:
             root = node
         elif not in_mapping:
@@ -144,17 +186,26 @@ def _compose(parser: Any) -> Node | None:
         else:
             parent.append((key, node))
             key = None
-    if not isinstance(get(), StreamEndEvent):
-        raise NotTaken("expected a single document in the stream")
+    event = get()
+    if not isinstance(event, StreamEndEvent):
+        what = "but found another document (expected a single document in the stream)"
+        raise Malformed(_line(event), what)
     return root
 
 
-def _anchor(anchors: dict[str, Node], anchor: str, node: Node) -> None:
+def _line(event: Any) -> int:
+    return event.start_mark.line + 1 if event.start_mark is not None else 1
+
+
+def _anchor(anchors: dict[str, Node], event: Any, node: Node) -> None:
     # As PyYAML's composer: an anchor names its node from its start (an alias inside the
     # node refers to it), and the same anchor twice is an error.
-    if anchor in anchors:
-        raise NotTaken(f"found duplicate anchor {anchor!r}")
-    anchors[anchor] = node
+    if event.anchor in anchors:
+        first = _line(anchors[event.anchor])
+        raise Malformed(
+            _line(event), f"found duplicate anchor {event.anchor!r} (first at line {first})"
+        )
+    anchors[event.anchor] = node
 
 
 _gc_lock = threading.Lock()

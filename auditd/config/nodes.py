@@ -18,7 +18,7 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from auditd.config.compose import NotTaken, TooDeep, compose_tree, gc_paused
+from auditd.config.compose import Malformed, NotTaken, TooDeep, compose_tree, error_at, gc_paused
 from auditd.config.durations import DURATION_HINT, parse_duration
 from auditd.config.errors import ConfigError, one_line, show, truncate
 
@@ -72,8 +72,8 @@ def _parse(text: str, source: str, build: Callable[[Node], T], empty: T) -> T:
 def compose_yaml(text: str, source: str) -> Node | None:
     """The node tree of a YAML document; ConfigError if it is not YAML.
 
-    ``compose_tree`` (libyaml's parser) first; for anything it does not take, PyYAML's
-    pure-Python loader, whose errors (with their lines) are the ones this project reports.
+    ``compose_tree`` (libyaml's parser); PyYAML's pure-Python loader only where libyaml is
+    not installed (its messages then name the same lines in its own words).
     """
     try:
         return compose_tree(text)
@@ -81,25 +81,15 @@ def compose_yaml(text: str, source: str) -> Node | None:
         raise ConfigError(
             f"{one_line(source)}:{exc.line}: invalid YAML: nested too deeply"
         ) from None
+    except Malformed as exc:
+        raise ConfigError(one_line(f"{source}:{exc.line}: invalid YAML: {exc.problem}")) from None
     except NotTaken:
         pass
     try:
         return yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else 1
-        problem = exc.problem or exc.context or "syntax error"
-        if exc.problem and exc.context:
-            problem = f"{exc.problem} ({exc.context})"
+    except yaml.YAMLError as exc:
+        line, problem = error_at(exc, text)
         raise ConfigError(one_line(f"{source}:{line}: invalid YAML: {problem}")) from None
-    except yaml.reader.ReaderError as exc:  # a character YAML forbids, e.g. NUL
-        line = text.count("\n", 0, exc.position) + 1
-        char = exc.character  # the code point for str input
-        shown = f"#x{char:04x}" if isinstance(char, int) else repr(char)
-        problem = f"unacceptable character {shown}: {exc.reason}"
-        raise ConfigError(one_line(f"{source}:{line}: invalid YAML: {problem}")) from None
-    except yaml.YAMLError as exc:  # no other kind is known to come from compose; to be safe
-        raise ConfigError(one_line(f"{source}:1: invalid YAML: {exc}")) from None
     except RecursionError:  # the pure composer recurses once per nesting level
         raise ConfigError(f"{one_line(source)}:1: invalid YAML: nested too deeply") from None
 

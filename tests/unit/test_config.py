@@ -564,7 +564,7 @@ REJECTIONS = [
         "duplicate key (first at line 4)",
     ),
     # invalid YAML
-    ("unclosed flow", "version: 1\nrules: [\n", "t.yaml:3: invalid YAML:", "expected the node"),
+    ("unclosed flow", "version: 1\nrules: [\n", "t.yaml:3: invalid YAML:", "expected node content"),
     ("bad indent", "version: 1\n  rules: []\n", "t.yaml:2: invalid YAML:", "mapping values"),
     ("tab indent", "version: 1\nrules:\n\t- name: a\n", "t.yaml:3: invalid YAML:", "'\\t'"),
     (
