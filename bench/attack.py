@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import calendar
 import json
 import os
 import signal
@@ -172,18 +173,24 @@ def bench_rules(count: int) -> dict[str, Any]:
         while agent.get()[0] != 200 or b"keepalive_audit_last_success" not in agent.get()[1]:
             time.sleep(0.2)
         status, body = agent.get()
-        sent = time.monotonic()
-        agent.proc.send_signal(signal.SIGHUP)
         # The reload runs off the main loop: scrapes (10 a second) are answered meanwhile.
-        during = []
-        while not agent.lines("rules reloaded"):
-            started = time.perf_counter()
-            if agent.get()[0] == 200:
-                during.append(time.perf_counter() - started)
-            time.sleep(max(0.0, 0.1 - (time.perf_counter() - started)))
-            if time.monotonic() - sent > 120:
-                raise RuntimeError("no 'rules reloaded' line from the agent")
-        reload_s = agent.wait_line("rules reloaded") - sent
+        # The first after start also pays for what the agent loads lazily: three are timed.
+        during: list[float] = []
+        reloads = []
+        for done in range(1, 4):
+            sent, sent_wall = time.monotonic(), time.time()
+            agent.proc.send_signal(signal.SIGHUP)
+            while len(agent.lines("rules reloaded")) < done:
+                started = time.perf_counter()
+                if agent.get()[0] == 200:
+                    during.append(time.perf_counter() - started)
+                time.sleep(max(0.0, 0.1 - (time.perf_counter() - started)))
+                if time.monotonic() - sent > 120:
+                    raise RuntimeError("no 'rules reloaded' line from the agent")
+            agent.wait_line("rules reloaded", done)
+            logged = agent.lines("rules reloaded")[done - 1]["ts"]  # to the millisecond
+            at = calendar.timegm(time.strptime(logged[:19], "%Y-%m-%dT%H:%M:%S"))
+            reloads.append(at + int(logged[20:23]) / 1000 - sent_wall)
         time.sleep(0.2)
         agent.proc.send_signal(signal.SIGHUP)  # and SIGTERM during this reload
         time.sleep(0.1)
@@ -196,7 +203,7 @@ def bench_rules(count: int) -> dict[str, Any]:
         "load_seconds_median": round(sorted(loads)[1], 3),
         "load_cpu_seconds_median": round(sorted(cpu)[1], 3),
         "invalid_cpu_seconds_median": round(sorted(rejected)[1], 3), "invalid_error": error,
-        "agent_reload_seconds": round(reload_s, 3),
+        "agent_reload_seconds": [round(r, 3) for r in reloads],
         "scrapes_during_reload": len(during),
         "scrape_during_reload_max_ms": round(max(during, default=0) * 1000, 1),
         "sigterm_during_reload_seconds":

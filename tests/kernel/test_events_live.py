@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -90,6 +91,8 @@ class Stage:
     agent: Agent
     watch: Watch
     source: str  # where the events come from: "bpf" or "perf"
+    lost_base: float = 0.0  # the agent's keepalive_events_lost_total before the abort
+    watch_lost_base: int = 0  # watch's "events lost" notes before it
 
 
 @pytest.fixture(params=["bpf", "perf"])
@@ -161,6 +164,7 @@ def aborted(st: Stage, local: str, timeout: float = 30) -> tuple[dict[str, Any],
         return sum("events lost in the kernel" in s for s in st.watch.stderr)
 
     base, watch_base = lost(), watch_lost()
+    st.lost_base, st.watch_lost_base = base, watch_base
     seen = wait_for(f"the agent's abort line for {local} (or events lost)",
                     lambda: logged() or lost() > base, timeout)  # fmt: skip
     if seen is True:
@@ -174,6 +178,24 @@ def aborted(st: Stage, local: str, timeout: float = 30) -> tuple[dict[str, Any],
     if line is None or doc is None:
         pytest.xfail(f"{st.source}: the abort's events were lost, and counted lost")
     return line, doc
+
+
+@contextmanager
+def judged(st: Stage) -> Iterator[None]:
+    """The row's assertions on the abort's record. From perf, a record short of some of its
+    events (retransmissions sampled on an idle CPU, perf.py) fails the row only where neither
+    the agent nor watch counted a loss since the abort's wait began."""
+    try:
+        yield
+    except AssertionError:
+        if st.source != "perf":
+            raise
+        time.sleep(1.5)  # a loss is counted at the read after the one that missed it
+        agent_lost = st.agent.scrape().total("keepalive_events_lost_total") > st.lost_base
+        watch_lost = sum("events lost in the kernel" in s for s in st.watch.stderr)
+        if agent_lost or watch_lost > st.watch_lost_base:
+            pytest.xfail("perf: events of the abort were lost, and counted lost")
+        raise
 
 
 def check(
@@ -218,11 +240,12 @@ def test_keepalive_timeout(lab: Lab, stage: Stage) -> None:
     stage.b.pull_cable()
     flagged(stage, where[0], "keepalive_probing")
     line, doc = aborted(stage, where[0])
-    check(stage, line, doc, where, "keepalive_timeout")
-    assert doc["probes"] == 4 and doc["settings"] == settings(stage) and doc["keepidle"] == 2
-    assert (doc["keepintvl"], doc["keepcnt"], doc["keepalive"]) == (1, 4, True)
-    assert doc["retransmits"] == 0 and doc["errno"] == 110
-    assert counted(stage, "keepalive_timeout") == 1
+    with judged(stage):
+        check(stage, line, doc, where, "keepalive_timeout")
+        assert doc["probes"] == 4 and doc["settings"] == settings(stage) and doc["keepidle"] == 2
+        assert (doc["keepintvl"], doc["keepcnt"], doc["keepalive"]) == (1, 4, True)
+        assert doc["retransmits"] == 0 and doc["errno"] == 110
+        assert counted(stage, "keepalive_timeout") == 1
 
 
 def test_retransmit_timeout(lab: Lab, stage: Stage) -> None:
@@ -233,9 +256,15 @@ def test_retransmit_timeout(lab: Lab, stage: Stage) -> None:
     in_flight(client)
     flagged(stage, where[0], "retransmitting")
     line, doc = aborted(stage, where[0])
-    check(stage, line, doc, where, "retransmit_timeout")
-    assert doc["retransmits"] >= 3 and doc["user_timeout_ms"] == 0
-    assert counted(stage, "retransmit_timeout") == 1
+    with judged(stage):
+        check(stage, line, doc, where, "retransmit_timeout")
+        # BPF reads the socket's total_retrans (3 or more here); perf counts the
+        # tcp_retransmit_skb events of the 4-tuple, which the kernel's time bound (3.0 s from
+        # the first retransmission at tcp_retries2 3) ends after 2 or 3, as the timer wheel
+        # rounds the later timeouts up (seen: 2 with no event lost)
+        assert doc["retransmits"] >= (3 if stage.source == "bpf" else 2)
+        assert doc["user_timeout_ms"] == 0
+        assert counted(stage, "retransmit_timeout") == 1
 
 
 def test_user_timeout(lab: Lab, stage: Stage) -> None:
@@ -245,9 +274,10 @@ def test_user_timeout(lab: Lab, stage: Stage) -> None:
     in_flight(client)
     flagged(stage, where[0], "retransmitting")
     line, doc = aborted(stage, where[0])
-    check(stage, line, doc, where, "user_timeout")
-    assert doc["user_timeout_ms"] == 6000 and doc["settings"] == settings(stage)
-    assert counted(stage, "user_timeout") == 1
+    with judged(stage):
+        check(stage, line, doc, where, "user_timeout")
+        assert doc["user_timeout_ms"] == 6000 and doc["settings"] == settings(stage)
+        assert counted(stage, "user_timeout") == 1
 
 
 def reboot(lab: Lab, st: Stage, a_ip: str, b_ip: str) -> None:
@@ -272,9 +302,10 @@ def test_peer_reboot_resets(lab: Lab, stage: Stage) -> None:
     reboot(lab, stage, cable.a_ip, cable.b_ip)
     client.send(b"hello")  # the new peer knows no such connection: RST
     line, doc = aborted(stage, where[0])
-    check(stage, line, doc, where, "peer_reset")
-    assert doc["cookie"] and doc["errno"] == 104
-    assert counted(stage, "peer_reset") == 1
+    with judged(stage):
+        check(stage, line, doc, where, "peer_reset")
+        assert doc["cookie"] and doc["errno"] == 104
+        assert counted(stage, "peer_reset") == 1
 
 
 def test_every_sample_the_kernel_counted_arrives_or_is_counted_lost(lab: Lab) -> None:

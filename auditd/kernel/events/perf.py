@@ -8,12 +8,13 @@ abort before it is copied anywhere.
 
 Each event has a ring of its own, so the kernel's count of an event (``counts``, a
 ``read`` of its fd) can be held against the samples its ring gave: on 6.18 (issue 13) a
-sample that a tracepoint produced in softirq on an idle CPU is now and then counted but never
-written to the ring, with no PERF_RECORD_LOST or THROTTLE record (measured: about one error
-report of a timer-driven abort in three on CPU 1 while it idled, none on the same CPU kept
-busy; the same with the events sharing one ring per CPU through PERF_EVENT_IOC_SET_OUTPUT,
-pinned or flexible, with or without use_clockid). The caller counts those as lost; the BPF
-source (auditd.kernel.events.bpfabort) does not go through perf's output and has no such loss.
+sample made on a CPU that is idle when the tracepoint fires (a timer's softirq on the idle
+task) is counted but never written to the ring, with no PERF_RECORD_LOST and
+PERF_FORMAT_LOST at 0 (measured: CPU 1 idle, 53 retransmission samples counted and none
+written, CPU 0 all of its 56; every one with a task spinning on CPU 1; ``perf record -a``
+loses them alike; with an ftrace instance on the same tracepoint none reaches any ring). The
+caller counts those as lost; the BPF source (auditd.kernel.events.bpfabort) does not go
+through perf's output and has no such loss.
 
 ``drain`` gives the rings of the first probe (the event that ends an abort) before the
 others: whatever happened before an error report on its CPU is then in the same drain or an
