@@ -259,9 +259,9 @@ def test_retransmit_timeout(lab: Lab, stage: Stage) -> None:
     with judged(stage):
         check(stage, line, doc, where, "retransmit_timeout")
         # BPF reads the socket's total_retrans (3 or more here); perf counts the
-        # tcp_retransmit_skb events of the 4-tuple, which the kernel's time bound (3.0 s from
-        # the first retransmission at tcp_retries2 3) ends after 2 or 3, as the timer wheel
-        # rounds the later timeouts up (seen: 2 with no event lost)
+        # tcp_retransmit_skb events of the 4-tuple; the kernel's bound at tcp_retries2 3 is a
+        # time (3.0 s from the first retransmission), and it has ended a train after 2 traced
+        # ones with no event lost (the timeouts' rounding is the likely cause, not proven)
         assert doc["retransmits"] >= (3 if stage.source == "bpf" else 2)
         assert doc["user_timeout_ms"] == 0
         assert counted(stage, "retransmit_timeout") == 1
