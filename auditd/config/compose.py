@@ -108,12 +108,17 @@ def compose_tree(text: str) -> Node | None:
     """
     if _CPARSER is None or Resolver.yaml_path_resolvers:
         raise NotTaken("no libyaml, or path resolvers that only PyYAML's composer applies")
+    # Raised after the except blocks, not in them: an exception raised while another is
+    # handled keeps it as __context__, and with it the traceback, the composer's frame and
+    # the half-built tree, in a cycle only the collector frees (0.2 s for a 1 MiB file).
+    error: Exception
     try:
         return _compose(_CPARSER(text))
     except yaml.YAMLError as exc:
-        raise Malformed(*error_at(exc, text, libyaml=True)) from None
+        error = Malformed(*error_at(exc, text, libyaml=True))
     except (UnicodeError, ValueError, TypeError) as exc:  # lone surrogates, for one
-        raise NotTaken(str(exc)) from None
+        error = NotTaken(str(exc))
+    raise error
 
 
 def _compose(parser: Any) -> Node | None:
