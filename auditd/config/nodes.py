@@ -75,16 +75,20 @@ def compose_yaml(text: str, source: str) -> Node | None:
     ``compose_tree`` (libyaml's parser); PyYAML's pure-Python loader only where libyaml is
     not installed (its messages then name the same lines in its own words).
     """
+    # Raised after the except blocks (see compose.compose_tree): raised in one, the error
+    # would keep the tree of an invalid 1 MiB file alive for the collector.
     try:
         return compose_tree(text)
     except TooDeep as exc:
-        raise ConfigError(
-            f"{one_line(source)}:{exc.line}: invalid YAML: nested too deeply"
-        ) from None
+        error = ConfigError(f"{one_line(source)}:{exc.line}: invalid YAML: nested too deeply")
     except Malformed as exc:
-        raise ConfigError(one_line(f"{source}:{exc.line}: invalid YAML: {exc.problem}")) from None
+        error = ConfigError(one_line(f"{source}:{exc.line}: invalid YAML: {exc.problem}"))
     except NotTaken:
-        pass
+        return _compose_pure(text, source)
+    raise error
+
+
+def _compose_pure(text: str, source: str) -> Node | None:
     try:
         return yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
