@@ -25,8 +25,18 @@ def test_the_rules_bench_loads_reloads_and_stops() -> None:
     assert got["scrape_status"] == 200
     series = got["series"]
     assert isinstance(series, dict) and series["keepalive_findings"] == 0 and series["total"] > 0
-    for key in ("load_seconds_median", "agent_reload_seconds", "sigterm_during_reload_seconds"):
+    for key in ("load_seconds_median", "invalid_cpu_seconds_median",
+                "sigterm_during_reload_seconds"):  # fmt: skip
         assert got[key] > 0  # type: ignore[operator]
+    reloads = got["agent_reload_seconds"]
+    assert isinstance(reloads, list) and len(reloads) == 3 and all(r > 0 for r in reloads)
+    # the file cut off in its last line (4 header lines, 3 a rule, then the cut one): rejected
+    # where the stream ends unclosed, the line after it, as PyYAML's loader also says
+    error = got["invalid_error"]
+    assert isinstance(error, str) and error.endswith(
+        f"invalid.yaml:{4 + 3 * 300 + 2}: invalid YAML: did not find expected ',' or ']' "
+        "(while parsing a flow sequence)"
+    ), error
 
 
 def test_the_flood_bench_floods_and_scrapes() -> None:
