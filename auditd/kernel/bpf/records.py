@@ -46,17 +46,27 @@ class SockRecord:
     family: int
 
     def options(self, sysctls: Sysctls) -> SocketOptions:
-        """What getsockopt would answer: the socket's value, else the namespace's sysctl
-        (keepalive_time_when() and friends, include/net/tcp.h; the kernel divides by HZ)."""
-        hz = self.hz
-        return SocketOptions(
-            keepalive=self.keepalive,
-            idle=self.keepalive_time // hz if self.keepalive_time else sysctls.keepalive_time,
-            intvl=self.keepalive_intvl // hz if self.keepalive_intvl else sysctls.keepalive_intvl,
-            cnt=self.keepalive_probes or sysctls.keepalive_probes,
-            user_timeout_ms=self.user_timeout_ms,
-            source="bpf",
-        )
+        return kernel_options(
+            self.keepalive, self.keepalive_time, self.keepalive_intvl, self.keepalive_probes,
+            self.user_timeout_ms, self.hz, sysctls,
+        )  # fmt: skip
+
+
+def kernel_options(
+    keepalive: bool, ktime: int, kintvl: int, probes: int, user_timeout_ms: int, hz: int,
+    sysctls: Sysctls,
+) -> SocketOptions:  # fmt: skip
+    """What getsockopt would answer from a socket's raw fields (times in jiffies, 0 meaning
+    the sysctl): the socket's value, else the namespace's (keepalive_time_when() and friends,
+    include/net/tcp.h; the kernel divides by HZ)."""
+    return SocketOptions(
+        keepalive,
+        ktime // hz if ktime else sysctls.keepalive_time,
+        kintvl // hz if kintvl else sysctls.keepalive_intvl,
+        probes or sysctls.keepalive_probes,
+        user_timeout_ms,
+        "bpf",
+    )
 
 
 def _check(data: bytes, size: int, what: str) -> None:
@@ -101,27 +111,14 @@ class SocketTable:
     def select(self, inodes: Collection[int]) -> dict[int, SocketOptions]:
         """Options of those of ``inodes`` the pass saw (a set is fastest)."""
         wanted = inodes if isinstance(inodes, (set, frozenset)) else set(inodes)
-        data, unpack, size = self._data, SOCK_REC.unpack_from, SOCK_REC.size
-        idle, intvl, cnt = (
-            self._sysctls.keepalive_time,
-            self._sysctls.keepalive_intvl,
-            self._sysctls.keepalive_probes,
-        )
+        data, unpack, size, sysctls = self._data, SOCK_REC.unpack_from, SOCK_REC.size, self._sysctls
         found: dict[int, SocketOptions] = {}
-        # SockRecord.options inlined: this runs for every socket exact mode asks about.
         for i, ino in enumerate(self._inodes):
             if ino in wanted and ino:
                 _, _, _, ktime, kintvl, uto, hz, _, probes, keepopen, _ = unpack(data, i * size)
                 if not hz:
                     raise RecordError(f"socket iterator: record {i} has HZ 0")
-                found[ino] = SocketOptions(
-                    bool(keepopen),
-                    ktime // hz if ktime else idle,
-                    kintvl // hz if kintvl else intvl,
-                    probes or cnt,
-                    uto,
-                    "bpf",
-                )
+                found[ino] = kernel_options(bool(keepopen), ktime, kintvl, probes, uto, hz, sysctls)
         return found
 
     def record(self, inode: int) -> SockRecord | None:
@@ -261,16 +258,10 @@ class AuditRecord(NamedTuple):
     flags: int
 
     def options(self, sysctls: Sysctls) -> SocketOptions:
-        """What getsockopt would answer (as ``SockRecord.options``)."""
-        hz = self.hz
-        return SocketOptions(
-            keepalive=self.keepalive,
-            idle=self.keepalive_time // hz if self.keepalive_time else sysctls.keepalive_time,
-            intvl=self.keepalive_intvl // hz if self.keepalive_intvl else sysctls.keepalive_intvl,
-            cnt=self.keepalive_probes or sysctls.keepalive_probes,
-            user_timeout_ms=self.user_timeout_ms,
-            source="bpf",
-        )
+        return kernel_options(
+            self.keepalive, self.keepalive_time, self.keepalive_intvl, self.keepalive_probes,
+            self.user_timeout_ms, self.hz, sysctls,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
