@@ -19,6 +19,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from auditd.errors import BpfUnavailable
 from auditd.kernel.bpf.libbpf import BpfObject, Libbpf, Link, read_iter, system_libbpf
@@ -33,9 +34,40 @@ AUDIT = ("audit.bpf.o", "keepalive_audit")
 # (the verifier's refusal more), an agent auditing every second should not pay it each time.
 RETRY_SECONDS = 60.0
 
+T = TypeVar("T")
+
 
 def _here(fn: Callable[[], int]) -> int:
     return fn()
+
+
+class _Retried:
+    """The last failure of one load, kept: ``attempt`` raises it again without trying until
+    ``retry_seconds`` have passed since. The caller holds the lock."""
+
+    def __init__(self, unavailable: str, retry_seconds: float, clock: Callable[[], float]) -> None:
+        self.unavailable = unavailable  # the message while no error is known
+        self.retry_seconds = retry_seconds
+        self._clock = clock
+        self._failed_at: float | None = None
+        self.error: str | None = None
+
+    def attempt(self, load: Callable[[], T]) -> T:
+        now = self._clock()
+        if self._failed_at is not None and now - self._failed_at < self.retry_seconds:
+            raise BpfUnavailable(self.error or self.unavailable)
+        self._failed_at = now
+        try:
+            loaded = load()
+        except OSError as exc:
+            self.error = f"BPF: cannot read {exc.filename}: {exc.strerror}"
+            raise BpfUnavailable(self.error, exc.errno) from exc
+        except BpfUnavailable as exc:
+            self.error = str(exc)
+            raise
+        self.error = None
+        self._failed_at = None
+        return loaded
 
 
 class Iterators:
@@ -51,19 +83,25 @@ class Iterators:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.directory = directory
-        self.retry_seconds = retry_seconds
-        self._clock = clock
-        self._failed_at: float | None = None
         self._libbpf = libbpf
         self._kconfig = kconfig
         self._objects: list[BpfObject] = []
         self._links: dict[str, Link] = {}
         self._lock = threading.Lock()
-        self.error: str | None = None  # why the last load failed
+        self._loads = _Retried("BPF: unavailable", retry_seconds, clock)
         self._audit: tuple[BpfObject, Link] | None = None
-        self._audit_failed_at: float | None = None
-        self.audit_error: str | None = None  # why the audit pass did not load
+        self._audit_loads = _Retried("BPF: the audit pass is unavailable", retry_seconds, clock)
         self._ns_locks: dict[int, threading.Lock] = {}
+
+    @property
+    def error(self) -> str | None:
+        """Why the last load of the socket and owner iterators failed."""
+        return self._loads.error
+
+    @property
+    def audit_error(self) -> str | None:
+        """Why the audit pass did not load."""
+        return self._audit_loads.error
 
     def _load(self, file: str, program: str) -> Link:
         return self._load_object(file, program)[1]
@@ -84,24 +122,13 @@ class Iterators:
     def ensure(self) -> None:
         """Loads what is not loaded yet; raises BpfUnavailable (also kept in ``error``)."""
         with self._lock:
-            if len(self._links) == 2:
-                return
-            now = self._clock()
-            if self._failed_at is not None and now - self._failed_at < self.retry_seconds:
-                raise BpfUnavailable(self.error or "BPF: unavailable")
-            self._failed_at = now
-            try:
-                for file, program in (SOCKETS, OWNERS):
-                    if program not in self._links:
-                        self._links[program] = self._load(file, program)
-            except OSError as exc:
-                self.error = f"BPF: cannot read {exc.filename}: {exc.strerror}"
-                raise BpfUnavailable(self.error, exc.errno) from exc
-            except BpfUnavailable as exc:
-                self.error = str(exc)
-                raise
-            self.error = None
-            self._failed_at = None
+            if len(self._links) < 2:
+                self._loads.attempt(self._load_missing)
+
+    def _load_missing(self) -> None:
+        for file, program in (SOCKETS, OWNERS):
+            if program not in self._links:
+                self._links[program] = self._load(file, program)
 
     @property
     def loaded(self) -> bool:
@@ -125,23 +152,8 @@ class Iterators:
         BpfUnavailable, kept in ``audit_error``."""
         self.ensure()
         with self._lock:
-            if self._audit is not None:
-                return self._audit
-            now = self._clock()
-            failed = self._audit_failed_at
-            if failed is not None and now - failed < self.retry_seconds:
-                raise BpfUnavailable(self.audit_error or "BPF: the audit pass is unavailable")
-            self._audit_failed_at = now
-            try:
-                self._audit = self._load_object(*AUDIT)
-            except OSError as exc:
-                self.audit_error = f"BPF: cannot read {exc.filename}: {exc.strerror}"
-                raise BpfUnavailable(self.audit_error, exc.errno) from exc
-            except BpfUnavailable as exc:
-                self.audit_error = str(exc)
-                raise
-            self.audit_error = None
-            self._audit_failed_at = None
+            if self._audit is None:
+                self._audit = self._audit_loads.attempt(lambda: self._load_object(*AUDIT))
             return self._audit
 
     def audit_pass(
