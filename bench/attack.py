@@ -309,7 +309,10 @@ def bench_flood(
         os.remove(web)
         os.rmdir(tmp)
     latencies.sort()
-    pick = lambda q: round(latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000, 1)  # noqa: E731
+
+    def pick(q: float) -> float:
+        return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000, 1)
+
     return {
         "clients": clients, "seconds": seconds, "bcrypt_cost": cost, "addresses": addresses,
         "flood_nice": nice, "load_before": load_before, "load_after": load_after,

@@ -439,7 +439,7 @@ def scrape_latency(url: str, scrapers: int, seconds: float) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------
 def _median(rows: list[dict[str, Any]], key: str) -> float:
-    return statistics.median(r[key] for r in rows)
+    return float(statistics.median(r[key] for r in rows))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -52,7 +52,12 @@ def reader_main(server: str, which: str) -> None:
 
     source, pipeline = open_pipeline(which)
     done = threading.Event()
-    threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+
+    def until_stdin_ends() -> None:
+        sys.stdin.read()
+        done.set()
+
+    threading.Thread(target=until_stdin_ends, daemon=True).start()
     print("ready", flush=True)
     begin = resource.getrusage(resource.RUSAGE_SELF)  # after the imports and the setup
     seen = lost = other = events = 0
@@ -215,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _pct(rows: list[dict[str, Any]], key: str = "cpu_s") -> float:
-    return statistics.median(100 * r[key] / r["wall_s"] for r in rows)
+    return float(statistics.median(100 * r[key] / r["wall_s"] for r in rows))
 
 
 def print_report(r: dict[str, Any]) -> None:

@@ -218,7 +218,7 @@ def wait_port(ns: Netns, port: int, proc: subprocess.Popen[str], timeout: float 
     while f":{port} " not in ns.run(["ss", "-tlnH"]).stdout:
         if proc.poll() is not None:
             out = proc.stdout.read() if proc.stdout else ""
-            raise AssertionError(f"{proc.args} exited with {proc.returncode}: {out}")
+            raise AssertionError(f"{proc.args!r} exited with {proc.returncode}: {out}")
         if time.monotonic() > deadline:
             raise AssertionError(f"nothing listens on {port} after {timeout} s")
         time.sleep(0.05)

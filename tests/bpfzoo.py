@@ -24,7 +24,10 @@ CLIENTS: dict[str, tuple[int, int | None, int | None, int | None, int | None]] =
 }
 
 
-def set_options(sock: socket.socket, opts: tuple[int, int | None, ...]) -> None:
+Options = tuple[int, int | None, int | None, int | None, int | None]
+
+
+def set_options(sock: socket.socket, opts: Options) -> None:
     keepalive, *tcp = opts
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, keepalive)
     names = (socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT, socket.TCP_USER_TIMEOUT)

@@ -116,7 +116,7 @@ def test_records_and_aggregates_equal_sock_diag(
         assert rec.options(sysctls) == own._replace(source="bpf")
 
     # What sock_diag's path counts and keeps over the same sockets.
-    tally, kept = _tally(sysctls), []
+    tally, kept = _tally(sysctls), list[Sock]()
     tally.run(after.values(), kept.append, None)
     handed = {r.sock.inode: r for r in out.records}
     assert {i for i, r in handed.items() if r.flags & REC_KEPT} == {s.inode for s in kept}

@@ -225,7 +225,8 @@ def test_agent_logs_fallback_once_and_recovery_once(tmp_path: Path) -> None:
         shutil.copy(Path(OBJECT_DIR) / name, tmp_path / name)
     for _ in range(2):
         result = daemon.audit_once()
-        assert result is not None and result.namespaces[0].inspection.method == "bpf"
+        inspection = result.namespaces[0].inspection if result is not None else None
+        assert inspection is not None and inspection.method == "bpf"
     events = [json.loads(line)["msg"] for line in out.getvalue().splitlines()]
     assert (
         events.count("BPF iterators unavailable, owners from /proc and options by pidfd_getfd") == 1

@@ -208,10 +208,10 @@ def test_idle_connection_finding_in_a_netns(daemons: Agents, tmp_path: Path) -> 
     wait_for("the findings to clear", lambda: critical() == 0)
     for name, local in ends.items():
 
-        def cleared(local: str = local) -> list[dict[str, Any]]:
+        def closed_lines(local: str = local) -> list[dict[str, Any]]:
             return finding_lines(daemon, local)[1]
 
-        wait_for(f"'finding cleared' for the {name}", cleared)
+        wait_for(f"'finding cleared' for the {name}", closed_lines)
         opened, closed = finding_lines(daemon, local)
         assert (len(opened), len(closed)) == (1, 1), name
         assert closed[0]["level"] == "info"
@@ -472,7 +472,7 @@ def test_finding_logged_once_then_on_escalation_then_cleared() -> None:
     import json as _json
 
     from auditd.daemon import Daemon, DaemonOptions
-    from auditd.model import Finding, Severity
+    from auditd.model import Finding, FindingKind, Severity
     from auditd.results import AuditResult
 
     stream = io.StringIO()
@@ -482,7 +482,7 @@ def test_finding_logged_once_then_on_escalation_then_cleared() -> None:
     def result(*severities: Severity) -> AuditResult:
         found = tuple(
             Finding(
-                kind="idle_no_keepalive",
+                kind=FindingKind.IDLE_NO_KEEPALIVE,
                 severity=sev,
                 rule="default",
                 netns="host",

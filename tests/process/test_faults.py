@@ -17,7 +17,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ Step = bytes | OSError
 class FakeNetlink:
     """A sock_diag socket that answers each recv with the next step: a datagram or an error."""
 
-    def __init__(self, steps: list[Step]) -> None:
+    def __init__(self, steps: Sequence[Step]) -> None:
         self.steps = list(steps)
 
     def send(self, data: bytes) -> int:
@@ -70,7 +70,7 @@ class FakeNetlink:
 class Netlink:
     """A socket factory: each socket opened plays the next script (the last one repeats)."""
 
-    def __init__(self, *scripts: list[Step] | OSError) -> None:
+    def __init__(self, *scripts: Sequence[Step] | OSError) -> None:
         self.scripts = list(scripts)
         self.opened = 0
 

@@ -310,7 +310,12 @@ def test_a_dead_audit_thread_fails_the_health_check(caplog: pytest.LogCaptureFix
     log = logging.getLogger("test-dead-thread")
     agent = Daemon(options, lambda _: [], log)
     pings: list[str] = []
-    agent.notifier.watchdog = lambda: pings.append("WATCHDOG=1") or True  # type: ignore[method-assign]
+
+    def watchdog() -> bool:
+        pings.append("WATCHDOG=1")
+        return True
+
+    agent.notifier.watchdog = watchdog  # type: ignore[method-assign]
     agent._worker = threading.Thread(target=agent._audit_thread, daemon=True)
     with caplog.at_level(logging.INFO, logger="test-dead-thread"):
         agent._worker.start()

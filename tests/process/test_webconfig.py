@@ -264,7 +264,12 @@ def test_basic_auth_caches_and_a_new_hash_misses(monkeypatch: pytest.MonkeyPatch
 
 def test_unknown_user_costs_a_bcrypt_too(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[bytes] = []
-    monkeypatch.setattr(auth_module, "_checkpw", lambda p, h: calls.append(h) or False)
+
+    def checkpw(_password: bytes, hashed: bytes) -> bool:
+        calls.append(hashed)
+        return False
+
+    monkeypatch.setattr(auth_module, "_checkpw", checkpw)
     BasicAuth().check({"prometheus": HASH.encode()}, basic_auth("eve", "x")["Authorization"])
     [decoy] = calls
     assert decoy != HASH.encode() and decoy.split(b"$")[2] == b"10"  # the configured cost
@@ -297,7 +302,12 @@ def test_each_unknown_name_gets_one_of_the_configured_costs(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls: list[bytes] = []
-    monkeypatch.setattr(auth_module, "_checkpw", lambda p, h: calls.append(h) or False)
+
+    def checkpw(_password: bytes, hashed: bytes) -> bool:
+        calls.append(hashed)
+        return False
+
+    monkeypatch.setattr(auth_module, "_checkpw", checkpw)
     users = {
         "a": bcrypt.hashpw(b"x", bcrypt.gensalt(4)),
         "b": bcrypt.hashpw(b"x", bcrypt.gensalt(5)),
@@ -315,7 +325,12 @@ def test_a_flood_of_wrong_passwords_never_evicts_the_scraper(
 ) -> None:
     calls: list[bytes] = []
     real = auth_module._checkpw
-    monkeypatch.setattr(auth_module, "_checkpw", lambda p, h: calls.append(h) or real(p, h))
+
+    def checkpw(password: bytes, hashed: bytes) -> bool:
+        calls.append(hashed)
+        return real(password, hashed)
+
+    monkeypatch.setattr(auth_module, "_checkpw", checkpw)
     users = {"prometheus": bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4))}
     auth = BasicAuth()
     good = basic_auth("prometheus", PASSWORD)["Authorization"]
@@ -406,7 +421,8 @@ basic_auth_users:
 
 def test_tls_and_basic_auth_with_a_real_client(agents: Agents, pki: Pki, tmp_path: Path) -> None:
     web = write(tmp_path, tls_config(pki))
-    good = {"context": client_context(pki), "headers": basic_auth("prometheus", PASSWORD)}
+    good: dict[str, Any] = {"context": client_context(pki),
+                            "headers": basic_auth("prometheus", PASSWORD)}  # fmt: skip
     agent = agents.start("--web.config.file", str(web), scheme="https", scrape_kwargs=good)
 
     status, headers, _ = agent.get(context=client_context(pki))
@@ -584,7 +600,8 @@ def test_a_fifo_on_reload_is_logged_and_the_old_config_kept(
     agents: Agents, pki: Pki, tmp_path: Path
 ) -> None:
     web = write(tmp_path, tls_config(pki))
-    good = {"context": client_context(pki), "headers": basic_auth("prometheus", PASSWORD)}
+    good: dict[str, Any] = {"context": client_context(pki),
+                            "headers": basic_auth("prometheus", PASSWORD)}  # fmt: skip
     agent = agents.start("--web.config.file", str(web), scheme="https", scrape_kwargs=good)
     fifo = tmp_path / "fifo.key"
     os.mkfifo(fifo)

@@ -16,7 +16,7 @@ from auditd.aborts import Reason, from_bpf
 from auditd.events import AbortPipeline, NetnsNames
 from auditd.kernel.events import Batch
 from auditd.kernel.events.bpfabort import RECORD_SIZE, BpfAbort, decode
-from auditd.model import Finding, Severity
+from auditd.model import Finding, FindingKind, Severity
 from auditd.results import AuditResult
 
 DATA = Path(__file__).parent.parent / "data" / "events" / "bpf"
@@ -90,8 +90,9 @@ def test_short_or_foreign_bytes_decode_to_nothing() -> None:
 
 def finding(rec: BpfAbort, local: str = "10.9.9.9:1") -> Finding:
     """A finding for the socket of ``rec`` (by inode) whose 4-tuple says otherwise."""
-    return Finding("keepalive_probing", Severity.WARNING, "db", "kaud-a", "m", "h", local=local,
-                   remote="10.9.9.9:2", pid=7, process="psql", inode=rec.inode)  # fmt: skip
+    return Finding(FindingKind.KEEPALIVE_PROBING, Severity.WARNING, "db", "kaud-a", "m", "h",
+                   local=local, remote="10.9.9.9:2", pid=7, process="psql",
+                   inode=rec.inode)  # fmt: skip
 
 
 class NoOptions:
@@ -129,7 +130,7 @@ def test_an_unknown_namespace_is_named_by_its_inode() -> None:
 def test_the_same_addresses_in_another_namespace_are_no_match() -> None:
     rec = decoded()["user_timeout"]
     p = pipeline({rec.netns_inode: "container:abc"})
-    other = Finding("retransmitting", Severity.WARNING, "db", "host", "m", "h",
+    other = Finding(FindingKind.RETRANSMITTING, Severity.WARNING, "db", "host", "m", "h",
                     local=rec.local, remote=rec.remote, inode=1)  # fmt: skip
     p.index.update(AuditResult(rec.time_ns / 1e9 - 5, 0.5, (), (other,)))
     (record,) = p.records(Batch((), 0, (rec,)), 0.0)

@@ -24,7 +24,7 @@ from auditd.kernel.events import Batch, Kind, TraceEvent, probes
 from auditd.kernel.events.decode import Decoder, events, parse_ring
 from auditd.kernel.events.perf import attr_bytes, parse_cpu_list
 from auditd.kernel.events.tracefs import EventFormat, parse_format
-from auditd.model import Finding, Severity, SocketOptions
+from auditd.model import Finding, FindingKind, Severity, SocketOptions
 from auditd.results import AuditResult
 
 DATA = Path(__file__).parent.parent / "data" / "events"
@@ -39,7 +39,8 @@ def formats() -> dict[Kind, EventFormat]:
 
 
 def recorded() -> list[TraceEvent]:
-    decoder, data, got = Decoder(formats()), (DATA / "rings.bin").read_bytes(), []
+    decoder, data = Decoder(formats()), (DATA / "rings.bin").read_bytes()
+    got: list[TraceEvent] = []
     pos = 0
     while pos < len(data):
         (size,) = struct.unpack_from("=I", data, pos)
@@ -233,7 +234,7 @@ def test_before_reset_reasons_the_state_change_proves_it() -> None:
 
 
 def finding(local: str = "10.0.0.1:1", kind: str = "keepalive_probing") -> Finding:
-    return Finding(kind, Severity.WARNING, "db", "kaud-x", "m", "h", local=local,
+    return Finding(FindingKind(kind), Severity.WARNING, "db", "kaud-x", "m", "h", local=local,
                    remote="10.0.0.2:2", pid=7, process="psql", inode=99, probes=1)  # fmt: skip
 
 
@@ -258,7 +259,9 @@ def test_index_keeps_the_first_report_and_the_gone_until_the_next_audit_ends() -
 
 def test_namespace_findings_are_not_connections() -> None:
     index = AbortIndex()
-    index.update(result(1.0, Finding("sysctl", Severity.WARNING, "default", "host", "m", "h")))
+    index.update(
+        result(1.0, Finding(FindingKind.SYSCTL, Severity.WARNING, "default", "host", "m", "h"))
+    )
     assert index.known == {}
 
 
@@ -358,7 +361,7 @@ def _logger() -> tuple[logging.Logger, list[logging.LogRecord]]:
     records: list[logging.LogRecord] = []
     log = logging.getLogger(f"test-events-{id(records)}")
     handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
+    handler.emit = records.append  # type: ignore[method-assign,assignment]
     log.addHandler(handler)
     log.propagate = False
     return log, records

@@ -176,7 +176,7 @@ def crafted_message(draw: st.DrawFn) -> bytes:
             payload = draw(st.binary(max_size=32)) if atype != INET_DIAG_INFO else info
             length = draw(st.sampled_from([None, None, 0, 1, 3, 4, 5, 0xFFFF]))
             attrs += rtattr(atype, payload, length)
-        fields = {
+        fields: dict[str, Any] = {
             "family": draw(st.sampled_from([socket.AF_INET, socket.AF_INET6, 0, 255])),
             "state": draw(st.integers(0, 255)),
             "timer": draw(st.integers(0, 255)),

@@ -18,7 +18,7 @@ from helpers import DATA, fake_process, fd_inode
 
 from auditd.kernel import LocalKernel, procfs
 from auditd.kernel.owners import scan as procs
-from auditd.model import Counters, ProcessInfo
+from auditd.model import SYSCTL_NAMES, Counters, ProcessInfo
 
 # --- sysctls ----------------------------------------------------------------------------------
 
@@ -170,7 +170,7 @@ def test_read_counters_from_a_real_capture(tmp_path: Path) -> None:
 
 def test_live_sysctls_and_counters() -> None:
     s = procfs.read_sysctls()
-    assert set(s.values) <= set(procfs.SYSCTL_NAMES)
+    assert set(s.values) <= set(SYSCTL_NAMES)
     assert s.get("net.ipv4.tcp_keepalive_time") is not None  # per netns since Linux 4.5
     with open("/proc/sys/net/ipv4/tcp_retries2") as f:
         assert s.retries2 == int(f.read())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
 from helpers import make_sock, rule
 from hypothesis import given, settings
@@ -25,7 +26,7 @@ ADDRESSES = st.sampled_from(
 STATES = st.sampled_from([TcpState.ESTABLISHED, TcpState.CLOSE_WAIT, TcpState.SYN_SENT])
 
 
-def _sets(elements: st.SearchStrategy) -> st.SearchStrategy:  # type: ignore[type-arg]
+def _sets(elements: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     return st.one_of(st.just(()), st.lists(elements, min_size=1, max_size=3))
 
 

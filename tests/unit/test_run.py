@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from helpers import DEFAULT_SYSCTLS, FakeKernel
@@ -27,6 +28,7 @@ from auditd.kernel.inspect import InspectScan, Target
 from auditd.model import (
     Finding,
     ProcessInfo,
+    Sock,
     SocketOptions,
     Sysctls,
     TimerKind,
@@ -180,9 +182,9 @@ _idle_socks = st.builds(
 @given(st.lists(st.one_of(_idle_socks, _socks), max_size=40), _thresholds,
        st.integers(min_value=0, max_value=5))  # fmt: skip
 def test_judging_idle_sockets_directly_matches_judge(
-    socks: list,
+    socks: list[Sock],
     t: Thresholds,
-    limit: int,  # type: ignore[type-arg]
+    limit: int,
 ) -> None:
     # _Judged judges idle sockets without keepalive itself when there are no rules and no
     # local middlebox: the counts and the sockets kept must be what judge() gives.
@@ -294,7 +296,7 @@ def test_inspecting_pass_matches_the_reference_functions(
 # --- max_findings: every finding counted, the worst described and attributed ---------------
 
 
-def _idle(i: int, idle_s: float, **kw: object) -> object:
+def _idle(i: int, idle_s: float, **kw: Any) -> Sock:
     ms = int(idle_s * 1000)
     return make_sock(sport=20000 + i, dport=5432, inode=1000 + i, last_data_recv_ms=ms,
                      last_ack_recv_ms=ms, last_data_sent_ms=ms, **kw)  # fmt: skip
