@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import calendar
 import json
 import os
 import signal
@@ -36,6 +35,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -187,10 +187,9 @@ def bench_rules(count: int) -> dict[str, Any]:
                 time.sleep(max(0.0, 0.1 - (time.perf_counter() - started)))
                 if time.monotonic() - sent > 120:
                     raise RuntimeError("no 'rules reloaded' line from the agent")
-            agent.wait_line("rules reloaded", done)
-            logged = agent.lines("rules reloaded")[done - 1]["ts"]  # to the millisecond
-            at = calendar.timegm(time.strptime(logged[:19], "%Y-%m-%dT%H:%M:%S"))
-            reloads.append(at + int(logged[20:23]) / 1000 - sent_wall)
+            logged = agent.lines("rules reloaded")[done - 1]["ts"]  # UTC, to the millisecond
+            at = datetime.fromisoformat(logged.replace("Z", "+00:00")).timestamp()
+            reloads.append(at - sent_wall)
         time.sleep(0.2)
         agent.proc.send_signal(signal.SIGHUP)  # and SIGTERM during this reload
         time.sleep(0.1)

@@ -91,8 +91,8 @@ class Stage:
     agent: Agent
     watch: Watch
     source: str  # where the events come from: "bpf" or "perf"
-    lost_base: float = 0.0  # the agent's keepalive_events_lost_total before the abort
-    watch_lost_base: int = 0  # watch's "events lost" notes before it
+    lost_base: float = 0.0  # agent_lost() before the abort
+    watch_lost_base: int = 0  # watch_lost() before it
 
 
 @pytest.fixture(params=["bpf", "perf"])
@@ -146,6 +146,16 @@ def flagged(st: Stage, local: str, kind: str) -> None:
     time.sleep(1.5)  # watch audits every second too
 
 
+def agent_lost(st: Stage) -> float:
+    """The events the agent counted lost."""
+    return st.agent.scrape().total("keepalive_events_lost_total")
+
+
+def watch_lost(st: Stage) -> int:
+    """The "events lost" notes watch printed."""
+    return sum("events lost in the kernel" in s for s in st.watch.stderr)
+
+
 def aborted(st: Stage, local: str, timeout: float = 30) -> tuple[dict[str, Any], dict[str, Any]]:
     """The agent's line and watch's JSON of the abort. From perf, a timer-driven abort's
     events are now and then counted by the kernel and never delivered (perf.py); from either
@@ -157,21 +167,15 @@ def aborted(st: Stage, local: str, timeout: float = 30) -> tuple[dict[str, Any],
         return next((d for d in st.agent.log() if d.get("local") == local
                      and d["msg"].startswith("connection aborted")), None)  # fmt: skip
 
-    def lost() -> float:
-        return st.agent.scrape().total("keepalive_events_lost_total")
-
-    def watch_lost() -> int:
-        return sum("events lost in the kernel" in s for s in st.watch.stderr)
-
-    base, watch_base = lost(), watch_lost()
+    base, watch_base = agent_lost(st), watch_lost(st)
     st.lost_base, st.watch_lost_base = base, watch_base
     seen = wait_for(f"the agent's abort line for {local} (or events lost)",
-                    lambda: logged() or lost() > base, timeout)  # fmt: skip
+                    lambda: logged() or agent_lost(st) > base, timeout)  # fmt: skip
     if seen is True:
         time.sleep(2)  # the events lost may have been another connection's
     line = logged()
     doc = wait_for(f"watch's abort line for {local} (or events lost)",
-                   lambda: st.watch.abort(local) or watch_lost() > watch_base, 5)  # fmt: skip
+                   lambda: st.watch.abort(local) or watch_lost(st) > watch_base, 5)  # fmt: skip
     if line is None or doc is True:
         time.sleep(0 if line is None else 2)
         doc = st.watch.abort(local)
@@ -191,9 +195,7 @@ def judged(st: Stage) -> Iterator[None]:
         if st.source != "perf":
             raise
         time.sleep(1.5)  # a loss is counted at the read after the one that missed it
-        agent_lost = st.agent.scrape().total("keepalive_events_lost_total") > st.lost_base
-        watch_lost = sum("events lost in the kernel" in s for s in st.watch.stderr)
-        if agent_lost or watch_lost > st.watch_lost_base:
+        if agent_lost(st) > st.lost_base or watch_lost(st) > st.watch_lost_base:
             pytest.xfail("perf: events of the abort were lost, and counted lost")
         raise
 

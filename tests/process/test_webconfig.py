@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import urllib.error
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,14 +262,21 @@ def test_basic_auth_caches_and_a_new_hash_misses(monkeypatch: pytest.MonkeyPatch
     assert not auth.check({"prometheus": other}, basic_auth("prometheus", "x")["Authorization"])
 
 
+def recording(
+    calls: list[bytes], check: Callable[[bytes, bytes], bool]
+) -> Callable[[bytes, bytes], bool]:
+    """A stand-in for ``auth._checkpw`` that notes each hash it is asked about, then checks."""
+
+    def checkpw(password: bytes, hashed: bytes) -> bool:
+        calls.append(hashed)
+        return check(password, hashed)
+
+    return checkpw
+
+
 def test_unknown_user_costs_a_bcrypt_too(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[bytes] = []
-
-    def checkpw(_password: bytes, hashed: bytes) -> bool:
-        calls.append(hashed)
-        return False
-
-    monkeypatch.setattr(auth_module, "_checkpw", checkpw)
+    monkeypatch.setattr(auth_module, "_checkpw", recording(calls, lambda p, h: False))
     BasicAuth().check({"prometheus": HASH.encode()}, basic_auth("eve", "x")["Authorization"])
     [decoy] = calls
     assert decoy != HASH.encode() and decoy.split(b"$")[2] == b"10"  # the configured cost
@@ -302,12 +309,7 @@ def test_each_unknown_name_gets_one_of_the_configured_costs(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls: list[bytes] = []
-
-    def checkpw(_password: bytes, hashed: bytes) -> bool:
-        calls.append(hashed)
-        return False
-
-    monkeypatch.setattr(auth_module, "_checkpw", checkpw)
+    monkeypatch.setattr(auth_module, "_checkpw", recording(calls, lambda p, h: False))
     users = {
         "a": bcrypt.hashpw(b"x", bcrypt.gensalt(4)),
         "b": bcrypt.hashpw(b"x", bcrypt.gensalt(5)),
@@ -324,13 +326,7 @@ def test_a_flood_of_wrong_passwords_never_evicts_the_scraper(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls: list[bytes] = []
-    real = auth_module._checkpw
-
-    def checkpw(password: bytes, hashed: bytes) -> bool:
-        calls.append(hashed)
-        return real(password, hashed)
-
-    monkeypatch.setattr(auth_module, "_checkpw", checkpw)
+    monkeypatch.setattr(auth_module, "_checkpw", recording(calls, auth_module._checkpw))
     users = {"prometheus": bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4))}
     auth = BasicAuth()
     good = basic_auth("prometheus", PASSWORD)["Authorization"]
